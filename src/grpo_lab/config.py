@@ -1,0 +1,111 @@
+"""Validation of the composed config before any compute, with errors that say what to fix."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """One or more config values are out of range; the message lists each key, value and rule."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _rule(pred: Callable[[Any], bool], allowed: str) -> tuple[Callable[[Any], bool], str]:
+    return pred, allowed
+
+
+def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), "one of " + ", ".join(options)
+
+
+# key -> (predicate, what is allowed). Keys absent from the config are skipped.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "G": _rule(lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a group needs two completions to compare)"),
+    "epsilon": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number with 0 < epsilon < 1"),
+    "beta": _rule(lambda v: _is_num(v) and v >= 0, "a number >= 0 (0 turns the KL term and the reference model off)"),
+    "mu": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "seed": _rule(_is_int, "an integer"),
+    "loss.epsilon_low": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number with 0 < epsilon_low < 1"),
+    "loss.epsilon_high": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "loss.aggregation": _choice("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"),
+    "loss.ratio_level": _choice("token", "sequence"),
+    "loss.dual_clip": _rule(lambda v: v is None or (_is_num(v) and v > 1), "null or a number > 1"),
+    "loss.entropy_coef": _rule(_is_num, "a number"),
+    "loss.mask_truncated": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "kl.estimator": _choice("k1", "k2", "k3", "none"),
+    "kl.mode": _choice("loss", "reward"),
+    "advantage.scale": _choice("group_std", "batch_std", "none", "rloo"),
+    "advantage.eps": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "train.rollouts": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.prompts_per_step": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.minibatch_size": _rule(lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "train.microbatch_size": _rule(lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "train.lr": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "train.weight_decay": _rule(lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "train.max_grad_norm": _rule(lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0"),
+    "train.scheduler": _choice("constant", "cosine", "linear"),
+    "train.warmup_steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "train.eval_every": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.eval_size": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "sampler.max_new_tokens": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "sampler.temperature": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "sampler.top_k": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    "sampler.top_p": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "sft.steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+}
+
+
+def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming every bad key, its value and what is allowed."""
+    errors = []
+    for key, (ok, allowed) in RULES.items():
+        present, value = _get(cfg, key)
+        if present and not ok(value):
+            errors.append(f"{key}={value!r} is invalid: expected {allowed}")
+    _, B = _get(cfg, "train.prompts_per_step")
+    _, G = _get(cfg, "G")
+    _, mini = _get(cfg, "train.minibatch_size")
+    _, micro = _get(cfg, "train.microbatch_size")
+    if not errors and _is_int(B) and _is_int(G):
+        n = B * G
+        if mini is not None and n % mini:
+            errors.append(
+                f"train.minibatch_size={mini} is invalid: it must divide the rollout batch "
+                f"train.prompts_per_step * G = {B} * {G} = {n} (e.g. {_divisors(n)})"
+            )
+        step = mini or n
+        if micro is not None and step % micro:
+            errors.append(
+                f"train.microbatch_size={micro} is invalid: it must divide the mini-batch of "
+                f"{step} completions (e.g. {_divisors(step)})"
+            )
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,439 @@
+"""GRPOModule: one GRPO step per training batch, orchestrated; the math is in ``objective``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from grpo_lab import objective
+from grpo_lab.policy.build import Policy, frozen_copy
+from grpo_lab.rewards.combine import RewardSet
+from grpo_lab.sampling.base import Completions, Sampler, completion_logprobs
+from grpo_lab.tasks.base import Example, Task
+
+
+@dataclass
+class AlgoConfig:
+    """The knobs of the GRPO step (the module's view of the Hydra config).
+
+    G: completions per prompt. epsilon_low / epsilon_high: clip range of the ratio.
+    beta: KL coefficient (0 = no reference model is created). mu: inner iterations per rollout.
+    minibatch_size: completions per optimizer step (divides B*G);
+    microbatch_size: completions per forward/backward (divides minibatch_size).
+    """
+
+    G: int = 8
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.04
+    mu: int = 1
+    kl_estimator: str = "k3"
+    kl_mode: str = "loss"  # "loss" (the paper) or "reward" (per-sequence reward penalty)
+    advantage_scale: str = "group_std"
+    advantage_eps: float = 1e-6
+    unbiased_std: bool = False
+    aggregation: str = "seq_mean_token_mean"
+    ratio_level: str = "token"
+    dual_clip: float | None = None
+    entropy_coef: float = 0.0
+    mask_truncated: bool = False
+    minibatch_size: int | None = None
+    microbatch_size: int | None = None
+    max_grad_norm: float | None = 1.0
+    ref_sync_every: int = 0  # refresh the reference every N rollouts (0 = never)
+    ref_sync_mix: float = 1.0  # 1.0 = hard copy; < 1 = TR-DPO mix alpha
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_tries: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 0
+    scheduler: str = "constant"  # constant | cosine | linear
+    total_steps: int = 1000
+
+
+@dataclass
+class Rollout:
+    """A scored batch of completions ready for the inner updates.
+
+    completions: see ``Completions`` (N = B*G rows)
+    examples:    (N,) the example each row answers
+    texts:       (N,) decoded completions
+    rewards:     (N,) weighted reward
+    per_fn:      name -> (N,) each reward function's scores (NaN = None)
+    advantages:  (N,)
+    old_logp:    (N, T) or None when mu == 1 (then pi_old = detached pi_theta)
+    ref_logp:    (N, T) or None when beta == 0
+    """
+
+    completions: Completions
+    examples: list[Example]
+    texts: list[str]
+    rewards: Tensor
+    per_fn: dict[str, Tensor]
+    advantages: Tensor
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class GRPOModule(L.LightningModule):
+    """Group Relative Policy Optimization with manual optimization.
+
+    A training batch is a list of B examples; each step samples G completions per prompt,
+    scores them, and runs mu passes of mini-batch updates over them.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        task: Task,
+        rewards: RewardSet,
+        sampler: Sampler,
+        algo: AlgoConfig,
+        optim: OptimConfig,
+        reference: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy.model
+        self.tokenizer = policy.tokenizer
+        self.task = task
+        self.rewards = rewards
+        self.sampler = sampler
+        if getattr(sampler, "stop_strings", None):
+            sampler.tokenizer = policy.tokenizer
+        self.algo = algo
+        self.optim = optim
+        # No reference model at all when the KL term is off.
+        self.reference = None
+        if algo.beta > 0:
+            self.reference = reference if reference is not None else frozen_copy(self.policy)
+        self.rollouts_done = 0
+        self.last_rollout: Rollout | None = None  # read by tracking.CompletionTable
+        self._eval_outputs: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ Lightning plumbing
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _lr_lambda(self, step: int) -> float:
+        warm = self.optim.warmup_steps
+        if warm and step < warm:
+            return (step + 1) / warm
+        if self.optim.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, self.optim.total_steps - warm))
+        if self.optim.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress  # linear
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["grpo_rollouts_done"] = self.rollouts_done
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.rollouts_done = checkpoint.get("grpo_rollouts_done", 0)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # a batch is a list of text examples; tokens are made on the device later
+
+    def _encode_prompts(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(
+            [ex.prompt for ex in examples], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    # ------------------------------------------------------------------ the GRPO step
+
+    def training_step(self, batch: list[Example], batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        rollout = self.make_rollout(batch)
+        update_stats = self.inner_updates(rollout)
+        self.last_rollout = rollout
+        self.rollouts_done += 1
+        self._maybe_refresh_reference()
+        elapsed = time.perf_counter() - t0
+        n_tokens = float(rollout.completions.completion_mask.sum() + rollout.completions.prompt_mask.sum())
+        metrics = {
+            **rollout.stats,
+            **update_stats,
+            "rollout": float(self.rollouts_done),
+            "perf/step_time_s": elapsed,
+            "perf/tokens_per_s": n_tokens * self.algo.mu / elapsed,
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log("reward_mean", metrics["reward"], prog_bar=True, logger=False, batch_size=len(batch))
+
+    def make_rollout(self, examples: list[Example]) -> Rollout:
+        """Sample G completions per prompt, score them, and compute advantages (no grad)."""
+        G = self.algo.G
+        was_training = self.policy.training
+        self.policy.eval()
+        with torch.no_grad():
+            rollout = self._sample_and_score(examples)
+            drop_rate = None
+            tries = 1
+            # DAPO dynamic sampling: groups with no reward variance carry no signal; replace
+            # them by groups of fresh training prompts until none is left or tries run out.
+            while self.algo.dynamic_sampling:
+                dead = objective.group_reward_std(rollout.rewards, G) == 0
+                if drop_rate is None:
+                    drop_rate = dead.float().mean().item()
+                if not dead.any() or tries >= self.algo.dynamic_sampling_max_tries:
+                    break
+                fresh = self._sample_and_score(self._fresh_prompts(int(dead.sum())))
+                rollout = _replace_groups(rollout, fresh, dead, G, self.tokenizer.pad_token_id)
+                tries += 1
+            rollout.stats = self._rollout_stats(rollout)
+            if drop_rate is not None:
+                rollout.stats["dynamic_sampling/drop_rate"] = drop_rate
+                rollout.stats["dynamic_sampling/tries"] = float(tries)
+
+            temperature = self.sampler.temperature
+            if self.reference is not None:
+                rollout.ref_logp, _ = completion_logprobs(self.reference, rollout.completions, temperature=temperature)
+            if self.algo.mu > 1:
+                rollout.old_logp, _ = completion_logprobs(self.policy, rollout.completions, temperature=temperature)
+            rewards = rollout.rewards
+            if self.algo.kl_mode == "reward" and self.reference is not None:
+                logp = rollout.old_logp
+                if logp is None:
+                    logp, _ = completion_logprobs(self.policy, rollout.completions, temperature=temperature)
+                rewards = objective.kl_penalised_rewards(
+                    rewards, logp, rollout.ref_logp, rollout.completions.completion_mask,
+                    self.algo.beta, self.algo.kl_estimator,
+                )
+            rollout.advantages = self._advantages(rewards)
+        if was_training:
+            self.policy.train()
+        return rollout
+
+    def _fresh_prompts(self, n_groups: int) -> list[Example]:
+        pool = self.task.train()
+        gen = torch.Generator().manual_seed(self.rollouts_done * 7919 + n_groups)
+        return [pool[i] for i in torch.randint(len(pool), (n_groups,), generator=gen).tolist()]
+
+    def _advantages(self, rewards: Tensor) -> Tensor:
+        return objective.group_advantages(
+            rewards, self.algo.G, scale=self.algo.advantage_scale,
+            eps=self.algo.advantage_eps, unbiased_std=self.algo.unbiased_std,
+        )
+
+    def _sample_and_score(self, examples: list[Example]) -> Rollout:
+        G = self.algo.G
+        prompt_ids, prompt_mask = self._encode_prompts(examples)
+        completions = self.sampler.sample(self.policy, prompt_ids, prompt_mask, G)
+        texts = self.tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
+        per_row = [ex for ex in examples for _ in range(G)]
+        out = self.rewards(texts, per_row, task=self.task, truncated=completions.truncated.tolist())
+        rewards = out.total.to(self.device)
+        return Rollout(
+            completions=completions, examples=per_row, texts=texts, rewards=rewards,
+            per_fn=out.per_fn, advantages=torch.zeros_like(rewards),
+        )
+
+    def _rollout_stats(self, rollout: Rollout) -> dict[str, float]:
+        """TRL-named diagnostics of a scored rollout."""
+        rewards, c = rollout.rewards, rollout.completions
+        lengths = c.lengths.float()
+        group_std = objective.group_reward_std(rewards, self.algo.G)
+        stats = {
+            "reward": rewards.mean().item(),
+            "reward_std": group_std.mean().item(),
+            "frac_reward_zero_std": (group_std == 0).float().mean().item(),
+            "completions/mean_length": lengths.mean().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/clipped_ratio": c.truncated.float().mean().item(),
+        }
+        for name, scores in rollout.per_fn.items():
+            valid = ~torch.isnan(scores)
+            if valid.any():
+                stats[f"rewards/{name}/mean"] = scores[valid].mean().item()
+                stats[f"rewards/{name}/std"] = scores[valid].std(unbiased=False).item()
+        return stats
+
+    def inner_updates(self, rollout: Rollout) -> dict[str, float]:
+        """mu passes over the rollout in mini-batches, one optimizer step per mini-batch."""
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        N = rollout.rewards.shape[0]
+        mini = self.algo.minibatch_size or N
+        micro = self.algo.microbatch_size or mini
+        sums: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(self.algo.mu):
+            order = torch.randperm(N, device=self.device) if self.algo.mu > 1 or mini < N else torch.arange(N, device=self.device)
+            for start in range(0, N, mini):
+                idx = order[start:start + mini]
+                stats = self._minibatch_step(rollout, idx, micro, opt)
+                grad_norm = self._clip_and_step(opt)
+                sched.step()
+                stats["grad_norm"] = grad_norm
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_updates += 1
+        out = {k: v / n_updates for k, v in sums.items()}
+        out["lr"] = sched.get_last_lr()[0]
+        return out
+
+    def _minibatch_step(self, rollout: Rollout, idx: Tensor, micro: int, opt) -> dict[str, float]:
+        """Forward/backward over one mini-batch in micro-batches; gradients accumulate."""
+        mask = rollout.completions.completion_mask
+        if self.algo.mask_truncated:
+            mask = mask * (~rollout.completions.truncated).long().unsqueeze(1)
+        by_tokens = self.algo.aggregation == "token_mean"
+        total = mask[idx].sum().clamp(min=1).item() if by_tokens else float(len(idx))
+        opt.zero_grad(set_to_none=True)
+        chunks = list(torch.split(idx, micro))
+        sums: dict[str, float] = {}
+        for i, chunk in enumerate(chunks):
+            weight = (mask[chunk].sum().item() if by_tokens else float(len(chunk))) / total
+            sub = _select(rollout.completions, chunk)
+            sub.completion_mask = mask[chunk]
+            logp, entropy = completion_logprobs(
+                self.policy, sub, temperature=self.sampler.temperature, with_entropy=True
+            )
+            old = rollout.old_logp[chunk] if rollout.old_logp is not None else logp.detach()
+            ref = rollout.ref_logp[chunk] if rollout.ref_logp is not None else None
+            loss, stats = objective.grpo_loss(
+                logp, old, rollout.advantages[chunk], sub.completion_mask,
+                eps_low=self.algo.epsilon_low, eps_high=self.algo.epsilon_high,
+                beta=self.algo.beta if self.algo.kl_mode == "loss" else 0.0,
+                ref_logp=ref, kl_estimator=self.algo.kl_estimator,
+                aggregation=self.algo.aggregation, max_len=self.sampler.max_new_tokens,
+                ratio_level=self.algo.ratio_level, dual_clip=self.algo.dual_clip,
+                entropy=entropy if self.algo.entropy_coef else entropy.detach(),
+                entropy_coef=self.algo.entropy_coef,
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"GRPO loss is {loss.item()} at rollout {self.rollouts_done}; lower optim.lr or "
+                    "check the rewards and sampler.temperature. Checkpoints saved so far are kept."
+                )
+            last = i == len(chunks) - 1
+            # Under DDP, sync gradients only on the last micro-batch of the mini-batch.
+            sync = contextlib.nullcontext() if last else self.trainer.strategy.block_backward_sync()
+            with sync:
+                self.manual_backward(loss * weight)
+            if ref is not None and self.algo.kl_mode == "reward":
+                stats.kl = objective.masked_mean(objective.kl_estimate(logp.detach(), ref, self.algo.kl_estimator), sub.completion_mask)
+            for name, value in {
+                # With mu = 1 the ratio is exactly 1 and this loss is ~0 although its gradient
+                # is not: the gradient is -A * grad log pi / |o_i| (see objective.grpo_loss).
+                "loss": stats.loss, "surrogate": stats.surrogate, "kl": stats.kl,
+                "entropy": stats.entropy, "clip_ratio/low_mean": stats.clip_low,
+                "clip_ratio/high_mean": stats.clip_high, "clip_ratio/region_mean": stats.clip_region,
+                "ratio_mean": stats.ratio_mean,
+            }.items():
+                sums[name] = sums.get(name, 0.0) + weight * float(value)
+        return sums
+
+    def _clip_and_step(self, opt) -> float:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
+        if self.algo.max_grad_norm:
+            self.clip_gradients(opt, gradient_clip_val=self.algo.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        return float(grad_norm)
+
+    def _maybe_refresh_reference(self) -> None:
+        every = self.algo.ref_sync_every
+        if self.reference is None or not every or self.rollouts_done % every:
+            return
+        alpha = self.algo.ref_sync_mix
+        with torch.no_grad():
+            for ref_p, p in zip(self.reference.parameters(), self.policy.parameters()):
+                ref_p.mul_(1.0 - alpha).add_(p.detach(), alpha=alpha)
+
+    # ------------------------------------------------------------------ eval
+
+    def validation_step(self, batch: list[Example], batch_idx: int) -> None:
+        prompt_ids, prompt_mask = self._encode_prompts(batch)
+        comp = self.sampler.sample(self.policy, prompt_ids, prompt_mask, 1, greedy=True)
+        texts = self.tokenizer.batch_decode(comp.completion_ids, skip_special_tokens=True)
+        correct = sum(self.task.is_correct(t, ex) for t, ex in zip(texts, batch))
+        scores = self.rewards(texts, batch, task=self.task, truncated=comp.truncated.tolist())
+        self._eval_outputs.append({
+            "n": len(batch), "correct": correct, "reward": float(scores.total.sum()),
+            "length": float(comp.lengths.float().sum()),
+        })
+
+    def on_validation_epoch_end(self) -> None:
+        outs, self._eval_outputs = self._eval_outputs, []
+        n = sum(o["n"] for o in outs)
+        if not n:
+            return
+        self.log_dict({
+            "eval/accuracy": sum(o["correct"] for o in outs) / n,
+            "eval/reward": sum(o["reward"] for o in outs) / n,
+            "eval/mean_length": sum(o["length"] for o in outs) / n,
+        }, on_epoch=True, batch_size=n)
+
+
+def _select(c: Completions, idx: Tensor) -> Completions:
+    return Completions(
+        prompt_ids=c.prompt_ids[idx], prompt_mask=c.prompt_mask[idx], completion_ids=c.completion_ids[idx],
+        completion_mask=c.completion_mask[idx], truncated=c.truncated[idx],
+    )
+
+
+def _pad_cat(a: Tensor, b: Tensor, value: int, left: bool) -> tuple[Tensor, Tensor]:
+    """Pad two (n, L) tensors to the same width (on the left for prompts)."""
+    width = max(a.shape[1], b.shape[1])
+
+    def pad(x: Tensor) -> Tensor:
+        extra = width - x.shape[1]
+        if not extra:
+            return x
+        fill = x.new_full((x.shape[0], extra), value)
+        return torch.cat([fill, x] if left else [x, fill], dim=1)
+
+    return pad(a), pad(b)
+
+
+def _replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: int) -> Rollout:
+    """Put the groups of ``new`` (one per True in ``dead``, in order) in place of dead groups."""
+    rows = dead.repeat_interleave(G).nonzero().squeeze(1)
+    c, n = old.completions, new.completions
+    fields = {}
+    for name, value, left in (("prompt_ids", pad_id, True), ("prompt_mask", 0, True),
+                              ("completion_ids", pad_id, False), ("completion_mask", 0, False)):
+        a, b = _pad_cat(getattr(c, name), getattr(n, name), value, left)
+        a = a.clone()
+        a[rows] = b
+        fields[name] = a
+    truncated = c.truncated.clone()
+    truncated[rows] = n.truncated
+    rewards = old.rewards.clone()
+    rewards[rows] = new.rewards
+    per_fn = {}
+    for k, v in old.per_fn.items():
+        v = v.clone()
+        v[rows] = new.per_fn[k]
+        per_fn[k] = v
+    texts, examples = list(old.texts), list(old.examples)
+    for j, r in enumerate(rows.tolist()):
+        texts[r], examples[r] = new.texts[j], new.examples[j]
+    merged = Completions(truncated=truncated, **fields)
+    return Rollout(
+        completions=merged, examples=examples, texts=texts, rewards=rewards, per_fn=per_fn,
+        advantages=torch.zeros_like(rewards),
+    )

@@ -1,0 +1,125 @@
+"""Building and loading the policy (model + tokenizer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from grpo_lab.policy.tokenizer import char_tokenizer
+
+
+@dataclass
+class Policy:
+    """A causal LM and the tokenizer that goes with it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # Sampling pads prompts on the left so every row's completion starts at the same column.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_llama(
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 128,
+    seed: int = 0,
+    init_from: str | None = None,
+) -> Policy:
+    """A small Llama-architecture model with the character tokenizer, built in code.
+
+    init_from: a directory written by ``Policy.save`` (e.g. the SFT warm start); when given,
+    the weights and tokenizer are loaded from there instead of initialised.
+    """
+    if init_from:
+        return load_pretrained(init_from)
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_pretrained(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Policy:
+    """Any ``from_pretrained`` path or hub id (offline: a local directory)."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"policy.dtype={dtype!r}; allowed: {', '.join(_DTYPES)}")
+    local = Path(name_or_path)
+    if name_or_path.startswith((".", "/")) and not local.is_dir():
+        raise FileNotFoundError(
+            f"policy.name_or_path={name_or_path!r} is not a directory; give a directory written "
+            "by save_pretrained (e.g. the SFT warm start) or a model hub id"
+        )
+    kwargs = dict(model_kwargs or {})
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs
+    )
+    # A directory saved from our char tokenizer names no model-specific class; load it as the
+    # generic fast tokenizer so transformers does not rebuild it as another class (PITFALLS).
+    tok_cfg = local / "tokenizer_config.json"
+    generic = ('"PreTrainedTokenizerFast"', '"TokenizersBackend"')
+    if local.is_dir() and tok_cfg.exists() and any(g in tok_cfg.read_text() for g in generic):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A detached, eval-mode copy of a model for the reference policy."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref

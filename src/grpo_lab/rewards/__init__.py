@@ -1,0 +1,12 @@
+"""Reward functions and their weighted combination.
+
+A reward function is any callable
+    fn(completions: list[str], examples: list[Example], **ctx) -> list[float | None]
+returning one score per completion; None means "not applicable" and is left out of that
+function's mean (as in TRL) and counts as 0 in the weighted sum.
+"""
+
+from grpo_lab.rewards.basic import accuracy_reward, format_reward
+from grpo_lab.rewards.combine import RewardError, RewardSet
+
+__all__ = ["RewardError", "RewardSet", "accuracy_reward", "format_reward"]

@@ -1,0 +1,78 @@
+"""Sampling with transformers' ``generate``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from grpo_lab.sampling.base import Completions, trim_at_eos
+
+
+class GenerateSampler:
+    """Ancestral sampling through ``model.generate`` with its KV cache.
+
+    temperature, top_k (0 = off), top_p (1.0 = off), min_p (0 = off), max_new_tokens,
+    stop_strings (end a completion at any of these strings; needs the tokenizer).
+    """
+
+    def __init__(
+        self,
+        max_new_tokens: int = 8,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        stop_strings: list[str] | None = None,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"sampler.max_new_tokens={max_new_tokens}; must be >= 1")
+        if temperature <= 0:
+            raise ValueError(f"sampler.temperature={temperature}; must be > 0 (greedy eval is separate)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"sampler.top_p={top_p}; must be in (0, 1]")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.min_p = min_p
+        self.stop_strings = list(stop_strings) if stop_strings else None
+        self.tokenizer = None  # set by the module when stop strings need it
+
+    @torch.no_grad()
+    def sample(
+        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, *, greedy: bool = False
+    ) -> Completions:
+        config = model.generation_config
+        eos, pad = config.eos_token_id, config.pad_token_id
+        if isinstance(eos, list):
+            eos = eos[0]
+        if pad is None:
+            pad = eos
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens,
+            num_return_sequences=num_samples,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        else:
+            kwargs.update(
+                do_sample=True,
+                temperature=self.temperature,
+                top_k=self.top_k or None,
+                top_p=self.top_p if self.top_p < 1 else None,
+                min_p=self.min_p or None,
+            )
+        if self.stop_strings:
+            kwargs.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+        raw = out[:, prompt_ids.shape[1]:]
+        ids, mask, truncated = trim_at_eos(raw, eos, pad)
+        return Completions(
+            prompt_ids=prompt_ids.repeat_interleave(num_samples, dim=0),
+            prompt_mask=prompt_mask.repeat_interleave(num_samples, dim=0),
+            completion_ids=ids,
+            completion_mask=mask,
+            truncated=truncated,
+        )

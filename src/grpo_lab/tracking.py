@@ -1,0 +1,137 @@
+"""MLflow: the logger, the resolved config as params and artifact, completion tables, links."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The MLflow 3.x UI opens experiments in its GenAI view unless tagged as model development.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
+def retry_locked(fn: Callable[[], T], attempts: int = 20, wait_s: float = 0.5) -> T:
+    """Run fn, retrying while SQLite says the database is locked (parallel sweep jobs)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # MLflow wraps sqlite errors in several exception types
+            if "locked" not in str(err).lower() or i == attempts - 1:
+                raise
+            time.sleep(wait_s * (1 + i))
+    raise AssertionError("unreachable")
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name``, created (and tagged for the runs view) if missing."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+
+    def get_or_create() -> str:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND_TAG]))
+        except Exception:
+            exp = client.get_experiment_by_name(name)  # another job created it meanwhile
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    exp_id = retry_locked(get_or_create)
+    retry_locked(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG))
+    return exp_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become their string form."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def log_config(logger: MLFlowLogger, cfg: DictConfig) -> None:
+    """The resolved config as flattened params and as ``config.yaml`` (params may be cut)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    retry_locked(lambda: logger.log_hyperparams(flatten(container)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        retry_locked(lambda: logger.experiment.log_artifact(logger.run_id, str(path)))
+
+
+def runs_url(tracking_uri: str, experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """Direct link to the runs table of an experiment in ``mlflow ui``."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_command(tracking_uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000"
+
+
+class CompletionTable(L.Callback):
+    """Logs a table of sampled completions (prompt, completion, reward, advantage) to MLflow.
+
+    every: rollouts between tables; rows: completions per table (whole groups first).
+    Each table is an artifact ``completions/rollout_<n>.json`` readable in the MLflow UI.
+    """
+
+    def __init__(self, every: int = 25, rows: int = 16) -> None:
+        self.every = every
+        self.rows = rows
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        rollout = getattr(pl_module, "last_rollout", None)
+        n = pl_module.rollouts_done
+        if rollout is None or (n % self.every and n != 1):
+            return
+        for lg in trainer.loggers:
+            if isinstance(lg, MLFlowLogger):
+                k = min(self.rows, len(rollout.texts))
+                data = {
+                    "rollout": [n] * k,
+                    "prompt": [ex.prompt for ex in rollout.examples[:k]],
+                    "completion": rollout.texts[:k],
+                    "answer": [ex.answer for ex in rollout.examples[:k]],
+                    "reward": rollout.rewards[:k].tolist(),
+                    "advantage": rollout.advantages[:k].tolist(),
+                    "truncated": rollout.completions.truncated[:k].tolist(),
+                }
+                retry_locked(lambda lg=lg, data=data: lg.experiment.log_table(
+                    lg.run_id, data=data, artifact_file=f"completions/rollout_{n:05d}.json"))
+
+
+# Short names for keys researchers sweep, so a run reads "G=8 eps=0.2 beta=0.04".
+_SHORT = {"epsilon": "eps", "learning_rate": "lr", "train.lr": "lr", "prompts_per_step": "B"}
+
+
+def run_name_from_overrides(cfg: DictConfig | None = None) -> str:
+    """A readable run name from the command-line overrides, or "default" when there are none."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "default"
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "logger.", "ckpt_path"))]
+    parts = []
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        short = _SHORT.get(key) or _SHORT.get(key.split(".")[-1]) or key.split(".")[-1]
+        parts.append(f"{short}={value}")
+    return " ".join(parts) or "default"
