@@ -242,12 +242,21 @@ class GRPOModule(L.LightningModule):
         completions = self.sampler.sample(self.policy, prompt_ids, prompt_mask, G)
         texts = self.tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
         per_row = [ex for ex in examples for _ in range(G)]
-        out = self.rewards(texts, per_row, task=self.task, truncated=completions.truncated.tolist())
+        out = self.rewards(texts, per_row, **self._reward_context(completions))
         rewards = out.total.to(self.device)
         return Rollout(
             completions=completions, examples=per_row, texts=texts, rewards=rewards,
             per_fn=out.per_fn, advantages=torch.zeros_like(rewards),
         )
+
+    def _reward_context(self, completions: Completions) -> dict[str, Any]:
+        """What every reward function may read besides completions and examples."""
+        return {
+            "task": self.task,
+            "truncated": completions.truncated.tolist(),
+            "lengths": completions.lengths.tolist(),  # completion tokens, EOS included
+            "max_new_tokens": self.sampler.max_new_tokens,
+        }
 
     def _rollout_stats(self, rollout: Rollout) -> dict[str, float]:
         """TRL-named diagnostics of a scored rollout."""
@@ -370,7 +379,7 @@ class GRPOModule(L.LightningModule):
         comp = self.sampler.sample(self.policy, prompt_ids, prompt_mask, 1, greedy=True)
         texts = self.tokenizer.batch_decode(comp.completion_ids, skip_special_tokens=True)
         correct = sum(self.task.is_correct(t, ex) for t, ex in zip(texts, batch))
-        scores = self.rewards(texts, batch, task=self.task, truncated=comp.truncated.tolist())
+        scores = self.rewards(texts, batch, **self._reward_context(comp))
         self._eval_outputs.append({
             "n": len(batch), "correct": correct, "reward": float(scores.total.sum()),
             "length": float(comp.lengths.float().sum()),

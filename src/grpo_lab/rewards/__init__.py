@@ -4,6 +4,10 @@ A reward function is any callable
     fn(completions: list[str], examples: list[Example], **ctx) -> list[float | None]
 returning one score per completion; None means "not applicable" and is left out of that
 function's mean (as in TRL) and counts as 0 in the weighted sum.
+
+``ctx`` always holds: task (the Task), truncated (list[bool], no EOS within max_new_tokens),
+lengths (list[int], completion tokens including EOS), max_new_tokens (int). Functions take
+what they need and accept ``**_`` for the rest.
 """
 
 from grpo_lab.rewards.basic import accuracy_reward, format_reward

@@ -1,0 +1,83 @@
+"""Shared fixtures: a migrated MLflow SQLite store per test, fast-run overrides, the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Overrides that make `grpo-lab train` finish in seconds: a 10x10 addition table, a short
+# SFT warm start, two rollouts of 4 prompts x 4 completions.
+FAST = [
+    "task.max_operand=9",
+    "task.eval_size=20",
+    "sft.steps=5",
+    "sft.num_examples=50",
+    "train.rollouts=2",
+    "train.prompts_per_step=4",
+    "G=4",
+    "train.eval_every=1",
+    "train.eval_size=8",
+    "train.checkpoint_every=1",
+    "train.log_samples_every=1",
+    "policy.hidden_size=32",
+    "policy.intermediate_size=64",
+    "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An SQLite store with MLflow's schema migrations already run (they take ~10 s)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, mlflow_template) -> str:
+    """A fresh, already-migrated SQLite store in this test's temporary directory."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template, db)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One SFT cache for the session, so tests with the same warm start train it once."""
+    return tmp_path_factory.mktemp("grpo-cache")
+
+
+@pytest.fixture
+def run_cli(tmp_path, tracking_uri, cache_dir):
+    """Run the real `grpo-lab` console entry point in a subprocess inside tmp_path."""
+
+    def run(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None):
+        full_env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "GRPO_LAB_CACHE": str(cache_dir),
+            "HYDRA_FULL_ERROR": "1",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "grpo_lab.cli", *args],
+            cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"grpo-lab {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                f"\n--- stderr\n{proc.stderr[-6000:]}"
+            )
+        return proc
+
+    return run
