@@ -71,7 +71,11 @@ def run_cli(tmp_path, tracking_uri, cache_dir):
         }
         proc = subprocess.run(
             [sys.executable, "-m", "grpo_lab.cli", *args],
-            cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout,
+            cwd=tmp_path,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(

@@ -48,7 +48,9 @@ def _hydra_app(command: str):
         raise AssertionError(command)
 
     config_name = "eval" if command == "eval" else "config"
-    return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(task)
+    return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(
+        task
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command in ("train", "sft", "eval"):
+        from grpo_lab.sweep import prepare_argv
+
+        rest = prepare_argv(rest)  # names a missing sweep plugin; seeds=N -> seed=S,...,S+N-1
         sys.argv = [f"grpo-lab-{command}", *rest]
         _hydra_app(command)()
     elif command == "report":
@@ -65,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
 
         report_main(rest)
     else:
-        print(f"grpo-lab: unknown command {command!r}; allowed: train, sft, eval, report\n", file=sys.stderr)
+        print(
+            f"grpo-lab: unknown command {command!r}; allowed: train, sft, eval, report\n",
+            file=sys.stderr,
+        )
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)
 

@@ -31,12 +31,20 @@ def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
 
 # key -> (predicate, what is allowed). Keys absent from the config are skipped.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "G": _rule(lambda v: _is_int(v) and v >= 2, "an integer >= 2 (a group needs two completions to compare)"),
+    "G": _rule(
+        lambda v: _is_int(v) and v >= 2,
+        "an integer >= 2 (a group needs two completions to compare)",
+    ),
     "epsilon": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number with 0 < epsilon < 1"),
-    "beta": _rule(lambda v: _is_num(v) and v >= 0, "a number >= 0 (0 turns the KL term and the reference model off)"),
+    "beta": _rule(
+        lambda v: _is_num(v) and v >= 0,
+        "a number >= 0 (0 turns the KL term and the reference model off)",
+    ),
     "mu": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "seed": _rule(_is_int, "an integer"),
-    "loss.epsilon_low": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number with 0 < epsilon_low < 1"),
+    "loss.epsilon_low": _rule(
+        lambda v: _is_num(v) and 0 < v < 1, "a number with 0 < epsilon_low < 1"
+    ),
     "loss.epsilon_high": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
     "loss.aggregation": _choice("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"),
     "loss.ratio_level": _choice("token", "sequence"),
@@ -49,11 +57,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "advantage.eps": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
     "train.rollouts": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "train.prompts_per_step": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "train.minibatch_size": _rule(lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "train.microbatch_size": _rule(lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "train.minibatch_size": _rule(
+        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
+    ),
+    "train.microbatch_size": _rule(
+        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
+    ),
     "train.lr": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
     "train.weight_decay": _rule(lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "train.max_grad_norm": _rule(lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0"),
+    "train.max_grad_norm": _rule(
+        lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0"
+    ),
     "train.scheduler": _choice("constant", "cosine", "linear"),
     "train.warmup_steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "train.eval_every": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),

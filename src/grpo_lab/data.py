@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from torch.utils.data import DataLoader
 
@@ -17,7 +19,12 @@ class TaskDataModule(L.LightningDataModule):
     greedily at each eval (the first eval_size of the task's eval split)."""
 
     def __init__(
-        self, task: Task, prompts_per_step: int, eval_size: int, eval_batch_size: int = 256, seed: int = 0
+        self,
+        task: Task,
+        prompts_per_step: int,
+        eval_size: int,
+        eval_batch_size: int = 256,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.task = task
@@ -26,6 +33,9 @@ class TaskDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
 
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return batch  # a batch is a list of text examples; the module tokenizes on its device
+
     def train_dataloader(self) -> DataLoader:
         train = self.task.train()
         if len(train) < self.prompts_per_step:
@@ -33,7 +43,15 @@ class TaskDataModule(L.LightningDataModule):
                 f"train.prompts_per_step={self.prompts_per_step} exceeds the task's "
                 f"{len(train)} training prompts"
             )
-        return DataLoader(train, batch_size=self.prompts_per_step, shuffle=True, drop_last=True, collate_fn=_as_list)
+        return DataLoader(
+            train,
+            batch_size=self.prompts_per_step,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=_as_list,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.task.eval()[: self.eval_size], batch_size=self.eval_batch_size, collate_fn=_as_list)
+        return DataLoader(
+            self.task.eval()[: self.eval_size], batch_size=self.eval_batch_size, collate_fn=_as_list
+        )

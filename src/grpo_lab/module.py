@@ -129,7 +129,10 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
-            params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
+            params,
+            lr=self.optim.lr,
+            weight_decay=self.optim.weight_decay,
+            betas=tuple(self.optim.betas),
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -151,12 +154,12 @@ class GRPOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rollouts_done = checkpoint.get("grpo_rollouts_done", 0)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # a batch is a list of text examples; tokens are made on the device later
-
     def _encode_prompts(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
         enc = self.tokenizer(
-            [ex.prompt for ex in examples], return_tensors="pt", padding=True, add_special_tokens=False
+            [ex.prompt for ex in examples],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
         )
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
@@ -170,7 +173,9 @@ class GRPOModule(L.LightningModule):
         self.rollouts_done += 1
         self._maybe_refresh_reference()
         elapsed = time.perf_counter() - t0
-        n_tokens = float(rollout.completions.completion_mask.sum() + rollout.completions.prompt_mask.sum())
+        n_tokens = float(
+            rollout.completions.completion_mask.sum() + rollout.completions.prompt_mask.sum()
+        )
         metrics = {
             **rollout.stats,
             **update_stats,
@@ -179,7 +184,9 @@ class GRPOModule(L.LightningModule):
             "perf/tokens_per_s": n_tokens * self.algo.mu / elapsed,
         }
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
-        self.log("reward_mean", metrics["reward"], prog_bar=True, logger=False, batch_size=len(batch))
+        self.log(
+            "reward_mean", metrics["reward"], prog_bar=True, logger=False, batch_size=len(batch)
+        )
 
     def make_rollout(self, examples: list[Example]) -> Rollout:
         """Sample G completions per prompt, score them, and compute advantages (no grad)."""
@@ -208,17 +215,27 @@ class GRPOModule(L.LightningModule):
 
             temperature = self.sampler.temperature
             if self.reference is not None:
-                rollout.ref_logp, _ = completion_logprobs(self.reference, rollout.completions, temperature=temperature)
+                rollout.ref_logp, _ = completion_logprobs(
+                    self.reference, rollout.completions, temperature=temperature
+                )
             if self.algo.mu > 1:
-                rollout.old_logp, _ = completion_logprobs(self.policy, rollout.completions, temperature=temperature)
+                rollout.old_logp, _ = completion_logprobs(
+                    self.policy, rollout.completions, temperature=temperature
+                )
             rewards = rollout.rewards
             if self.algo.kl_mode == "reward" and self.reference is not None:
                 logp = rollout.old_logp
                 if logp is None:
-                    logp, _ = completion_logprobs(self.policy, rollout.completions, temperature=temperature)
+                    logp, _ = completion_logprobs(
+                        self.policy, rollout.completions, temperature=temperature
+                    )
                 rewards = objective.kl_penalised_rewards(
-                    rewards, logp, rollout.ref_logp, rollout.completions.completion_mask,
-                    self.algo.beta, self.algo.kl_estimator,
+                    rewards,
+                    logp,
+                    rollout.ref_logp,
+                    rollout.completions.completion_mask,
+                    self.algo.beta,
+                    self.algo.kl_estimator,
                 )
             rollout.advantages = self._advantages(rewards)
         if was_training:
@@ -232,8 +249,11 @@ class GRPOModule(L.LightningModule):
 
     def _advantages(self, rewards: Tensor) -> Tensor:
         return objective.group_advantages(
-            rewards, self.algo.G, scale=self.algo.advantage_scale,
-            eps=self.algo.advantage_eps, unbiased_std=self.algo.unbiased_std,
+            rewards,
+            self.algo.G,
+            scale=self.algo.advantage_scale,
+            eps=self.algo.advantage_eps,
+            unbiased_std=self.algo.unbiased_std,
         )
 
     def _sample_and_score(self, examples: list[Example]) -> Rollout:
@@ -245,8 +265,12 @@ class GRPOModule(L.LightningModule):
         out = self.rewards(texts, per_row, **self._reward_context(completions))
         rewards = out.total.to(self.device)
         return Rollout(
-            completions=completions, examples=per_row, texts=texts, rewards=rewards,
-            per_fn=out.per_fn, advantages=torch.zeros_like(rewards),
+            completions=completions,
+            examples=per_row,
+            texts=texts,
+            rewards=rewards,
+            per_fn=out.per_fn,
+            advantages=torch.zeros_like(rewards),
         )
 
     def _reward_context(self, completions: Completions) -> dict[str, Any]:
@@ -289,9 +313,13 @@ class GRPOModule(L.LightningModule):
         sums: dict[str, float] = {}
         n_updates = 0
         for _ in range(self.algo.mu):
-            order = torch.randperm(N, device=self.device) if self.algo.mu > 1 or mini < N else torch.arange(N, device=self.device)
+            order = (
+                torch.randperm(N, device=self.device)
+                if self.algo.mu > 1 or mini < N
+                else torch.arange(N, device=self.device)
+            )
             for start in range(0, N, mini):
-                idx = order[start:start + mini]
+                idx = order[start : start + mini]
                 stats = self._minibatch_step(rollout, idx, micro, opt)
                 grad_norm = self._clip_and_step(opt)
                 sched.step()
@@ -323,12 +351,19 @@ class GRPOModule(L.LightningModule):
             old = rollout.old_logp[chunk] if rollout.old_logp is not None else logp.detach()
             ref = rollout.ref_logp[chunk] if rollout.ref_logp is not None else None
             loss, stats = objective.grpo_loss(
-                logp, old, rollout.advantages[chunk], sub.completion_mask,
-                eps_low=self.algo.epsilon_low, eps_high=self.algo.epsilon_high,
+                logp,
+                old,
+                rollout.advantages[chunk],
+                sub.completion_mask,
+                eps_low=self.algo.epsilon_low,
+                eps_high=self.algo.epsilon_high,
                 beta=self.algo.beta if self.algo.kl_mode == "loss" else 0.0,
-                ref_logp=ref, kl_estimator=self.algo.kl_estimator,
-                aggregation=self.algo.aggregation, max_len=self.sampler.max_new_tokens,
-                ratio_level=self.algo.ratio_level, dual_clip=self.algo.dual_clip,
+                ref_logp=ref,
+                kl_estimator=self.algo.kl_estimator,
+                aggregation=self.algo.aggregation,
+                max_len=self.sampler.max_new_tokens,
+                ratio_level=self.algo.ratio_level,
+                dual_clip=self.algo.dual_clip,
                 entropy=entropy if self.algo.entropy_coef else entropy.detach(),
                 entropy_coef=self.algo.entropy_coef,
             )
@@ -343,13 +378,20 @@ class GRPOModule(L.LightningModule):
             with sync:
                 self.manual_backward(loss * weight)
             if ref is not None and self.algo.kl_mode == "reward":
-                stats.kl = objective.masked_mean(objective.kl_estimate(logp.detach(), ref, self.algo.kl_estimator), sub.completion_mask)
+                stats.kl = objective.masked_mean(
+                    objective.kl_estimate(logp.detach(), ref, self.algo.kl_estimator),
+                    sub.completion_mask,
+                )
             for name, value in {
                 # With mu = 1 the ratio is exactly 1 and this loss is ~0 although its gradient
                 # is not: the gradient is -A * grad log pi / |o_i| (see objective.grpo_loss).
-                "loss": stats.loss, "surrogate": stats.surrogate, "kl": stats.kl,
-                "entropy": stats.entropy, "clip_ratio/low_mean": stats.clip_low,
-                "clip_ratio/high_mean": stats.clip_high, "clip_ratio/region_mean": stats.clip_region,
+                "loss": stats.loss,
+                "surrogate": stats.surrogate,
+                "kl": stats.kl,
+                "entropy": stats.entropy,
+                "clip_ratio/low_mean": stats.clip_low,
+                "clip_ratio/high_mean": stats.clip_high,
+                "clip_ratio/region_mean": stats.clip_region,
                 "ratio_mean": stats.ratio_mean,
             }.items():
                 sums[name] = sums.get(name, 0.0) + weight * float(value)
@@ -357,9 +399,13 @@ class GRPOModule(L.LightningModule):
 
     def _clip_and_step(self, opt) -> float:
         params = [p for p in self.policy.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
+        grad_norm = (
+            torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
+        )
         if self.algo.max_grad_norm:
-            self.clip_gradients(opt, gradient_clip_val=self.algo.max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                opt, gradient_clip_val=self.algo.max_grad_norm, gradient_clip_algorithm="norm"
+            )
         opt.step()
         return float(grad_norm)
 
@@ -380,27 +426,38 @@ class GRPOModule(L.LightningModule):
         texts = self.tokenizer.batch_decode(comp.completion_ids, skip_special_tokens=True)
         correct = sum(self.task.is_correct(t, ex) for t, ex in zip(texts, batch))
         scores = self.rewards(texts, batch, **self._reward_context(comp))
-        self._eval_outputs.append({
-            "n": len(batch), "correct": correct, "reward": float(scores.total.sum()),
-            "length": float(comp.lengths.float().sum()),
-        })
+        self._eval_outputs.append(
+            {
+                "n": len(batch),
+                "correct": correct,
+                "reward": float(scores.total.sum()),
+                "length": float(comp.lengths.float().sum()),
+            }
+        )
 
     def on_validation_epoch_end(self) -> None:
         outs, self._eval_outputs = self._eval_outputs, []
         n = sum(o["n"] for o in outs)
         if not n:
             return
-        self.log_dict({
-            "eval/accuracy": sum(o["correct"] for o in outs) / n,
-            "eval/reward": sum(o["reward"] for o in outs) / n,
-            "eval/mean_length": sum(o["length"] for o in outs) / n,
-        }, on_epoch=True, batch_size=n)
+        self.log_dict(
+            {
+                "eval/accuracy": sum(o["correct"] for o in outs) / n,
+                "eval/reward": sum(o["reward"] for o in outs) / n,
+                "eval/mean_length": sum(o["length"] for o in outs) / n,
+            },
+            on_epoch=True,
+            batch_size=n,
+        )
 
 
 def _select(c: Completions, idx: Tensor) -> Completions:
     return Completions(
-        prompt_ids=c.prompt_ids[idx], prompt_mask=c.prompt_mask[idx], completion_ids=c.completion_ids[idx],
-        completion_mask=c.completion_mask[idx], truncated=c.truncated[idx],
+        prompt_ids=c.prompt_ids[idx],
+        prompt_mask=c.prompt_mask[idx],
+        completion_ids=c.completion_ids[idx],
+        completion_mask=c.completion_mask[idx],
+        truncated=c.truncated[idx],
     )
 
 
@@ -423,8 +480,12 @@ def _replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: in
     rows = dead.repeat_interleave(G).nonzero().squeeze(1)
     c, n = old.completions, new.completions
     fields = {}
-    for name, value, left in (("prompt_ids", pad_id, True), ("prompt_mask", 0, True),
-                              ("completion_ids", pad_id, False), ("completion_mask", 0, False)):
+    for name, value, left in (
+        ("prompt_ids", pad_id, True),
+        ("prompt_mask", 0, True),
+        ("completion_ids", pad_id, False),
+        ("completion_mask", 0, False),
+    ):
         a, b = _pad_cat(getattr(c, name), getattr(n, name), value, left)
         a = a.clone()
         a[rows] = b
@@ -443,6 +504,10 @@ def _replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: in
         texts[r], examples[r] = new.texts[j], new.examples[j]
     merged = Completions(truncated=truncated, **fields)
     return Rollout(
-        completions=merged, examples=examples, texts=texts, rewards=rewards, per_fn=per_fn,
+        completions=merged,
+        examples=examples,
+        texts=texts,
+        rewards=rewards,
+        per_fn=per_fn,
         advantages=torch.zeros_like(rewards),
     )

@@ -54,12 +54,15 @@ def group_advantages(
             f"got shape {tuple(rewards.shape)}"
         )
     grouped = rewards.view(-1, group_size)  # (B, G)
+    live = ~_constant_groups(grouped).unsqueeze(1)  # (B, 1)
     mean = grouped.mean(dim=1, keepdim=True)
     if scale == "rloo":
         # mean of the other G-1 rewards: (G*mean - r_i) / (G-1)
         baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-        return (grouped - baseline).reshape(-1)
-    centred = grouped - mean
+        return torch.where(live, grouped - baseline, 0.0).reshape(-1)
+    # The float mean of equal rewards can miss them by an ulp (8 x 0.7 -> 6e-8), and
+    # dividing by std + eps would blow that up to A ~ 0.06; a constant group is exactly 0.
+    centred = torch.where(live, grouped - mean, 0.0)
     if scale == "none":
         return centred.reshape(-1)
     if scale == "group_std":
@@ -73,7 +76,14 @@ def group_advantages(
 
 def group_reward_std(rewards: Tensor, group_size: int) -> Tensor:
     """Population std of each group's rewards, (B,). Zero marks a group with no signal."""
-    return rewards.view(-1, group_size).std(dim=1, unbiased=False)
+    grouped = rewards.view(-1, group_size)
+    std = grouped.std(dim=1, unbiased=False)
+    return torch.where(_constant_groups(grouped), 0.0, std)
+
+
+def _constant_groups(grouped: Tensor) -> Tensor:
+    """(B,) True where every reward of the group (B, G) equals the first one."""
+    return (grouped == grouped[:, :1]).all(dim=1)
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -285,7 +295,9 @@ def grpo_loss(
             loss=loss.detach(),
             surrogate=aggregate(surrogate.detach(), mask, aggregation, max_len),
             kl=masked_mean(kl.detach(), mask),
-            entropy=masked_mean(entropy.detach(), mask) if entropy is not None else torch.tensor(0.0),
+            entropy=masked_mean(entropy.detach(), mask)
+            if entropy is not None
+            else torch.tensor(0.0),
             clip_low=fr["low"],
             clip_high=fr["high"],
             clip_region=fr["region"],

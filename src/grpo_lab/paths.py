@@ -12,4 +12,6 @@ def config_dir() -> Path:
     checkout = Path(__file__).resolve().parents[2] / "conf"  # src layout: <root>/src/grpo_lab
     if checkout.is_dir():
         return checkout
-    raise FileNotFoundError(f"grpo_lab's config tree is missing: looked in {packaged} and {checkout}")
+    raise FileNotFoundError(
+        f"grpo_lab's config tree is missing: looked in {packaged} and {checkout}"
+    )

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from grpo_lab.policy.build import Policy, load_pretrained
 from grpo_lab.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
+
+# Part of the cache key: bump when the warm-start recipe changes so stale caches are not reused.
+RECIPE_VERSION = 2
 
 
 def demonstration_batch(policy: Policy, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -45,7 +49,13 @@ def demonstration_batch(policy: Policy, examples: list[Example]) -> dict[str, to
 
 
 def fit_demonstrations(
-    policy: Policy, task: Task, steps: int, batch_size: int, lr: float, num_examples: int | None, seed: int
+    policy: Policy,
+    task: Task,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    num_examples: int | None,
+    seed: int,
 ) -> list[float]:
     """AdamW on the demonstrations of the first ``num_examples`` training examples."""
     rng = random.Random(seed)
@@ -55,7 +65,14 @@ def fit_demonstrations(
     model = policy.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    warmup = max(1, steps // 10)
+
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     losses = []
     for step in range(steps):
         batch = demonstration_batch(policy, rng.sample(pool, min(batch_size, len(pool))))
@@ -77,15 +94,23 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def warm_start(
-    build_policy, task: Task, *, cache_dir: str | Path, key_parts: dict[str, Any], steps: int,
-    batch_size: int, lr: float, num_examples: int | None, seed: int,
+    build_policy,
+    task: Task,
+    *,
+    cache_dir: str | Path,
+    key_parts: dict[str, Any],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    num_examples: int | None,
+    seed: int,
 ) -> tuple[Path, bool]:
     """Directory of the SFT warm start for this configuration, trained once and then reused.
 
     build_policy: () -> Policy, the untrained policy. Returns (path, trained_now).
     A file lock makes concurrent sweep jobs train it once and wait for each other.
     """
-    out = Path(cache_dir) / f"sft-{cache_key(key_parts)}"
+    out = Path(cache_dir) / f"sft-{cache_key({**key_parts, 'recipe': RECIPE_VERSION})}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

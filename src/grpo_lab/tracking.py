@@ -77,7 +77,9 @@ def log_config(logger: MLFlowLogger, cfg: DictConfig) -> None:
         retry_locked(lambda: logger.experiment.log_artifact(logger.run_id, str(path)))
 
 
-def runs_url(tracking_uri: str, experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+def runs_url(
+    tracking_uri: str, experiment_id: str, host: str = "127.0.0.1", port: int = 5000
+) -> str:
     """Direct link to the runs table of an experiment in ``mlflow ui``."""
     return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
@@ -97,7 +99,9 @@ class CompletionTable(L.Callback):
         self.every = every
         self.rows = rows
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         rollout = getattr(pl_module, "last_rollout", None)
         n = pl_module.rollouts_done
         if rollout is None or (n % self.every and n != 1):
@@ -114,8 +118,11 @@ class CompletionTable(L.Callback):
                     "advantage": rollout.advantages[:k].tolist(),
                     "truncated": rollout.completions.truncated[:k].tolist(),
                 }
-                retry_locked(lambda lg=lg, data=data: lg.experiment.log_table(
-                    lg.run_id, data=data, artifact_file=f"completions/rollout_{n:05d}.json"))
+                retry_locked(
+                    lambda lg=lg, data=data: lg.experiment.log_table(
+                        lg.run_id, data=data, artifact_file=f"completions/rollout_{n:05d}.json"
+                    )
+                )
 
 
 # Short names for keys researchers sweep, so a run reads "G=8 eps=0.2 beta=0.04".
@@ -128,7 +135,11 @@ def run_name_from_overrides(cfg: DictConfig | None = None) -> str:
 
     if not HydraConfig.initialized():
         return "default"
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "logger.", "ckpt_path"))]
+    overrides = [
+        o
+        for o in HydraConfig.get().overrides.task
+        if not o.startswith(("hydra.", "logger.", "ckpt_path"))
+    ]
     parts = []
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")

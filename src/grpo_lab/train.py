@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_lab import tracking
+from grpo_lab import sweep, tracking
 from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.instantiate import instantiate
@@ -81,13 +81,23 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
     key_parts = {
         "policy": OmegaConf.to_container(cfg.policy, resolve=True),
         "task": OmegaConf.to_container(cfg.task, resolve=True),
-        "sft": {k: v for k, v in OmegaConf.to_container(cfg.sft, resolve=True).items() if k != "cache_dir"},
+        "sft": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.sft, resolve=True).items()
+            if k != "cache_dir"
+        },
         "seed": cfg.seed,
     }
     path, trained = warm_start(
-        lambda: instantiate(cfg.policy), task, cache_dir=cfg.sft.cache_dir, key_parts=key_parts,
-        steps=cfg.sft.steps, batch_size=cfg.sft.batch_size, lr=cfg.sft.lr,
-        num_examples=cfg.sft.num_examples, seed=cfg.seed,
+        lambda: instantiate(cfg.policy),
+        task,
+        cache_dir=cfg.sft.cache_dir,
+        key_parts=key_parts,
+        steps=cfg.sft.steps,
+        batch_size=cfg.sft.batch_size,
+        lr=cfg.sft.lr,
+        num_examples=cfg.sft.num_examples,
+        seed=cfg.seed,
     )
     log.info("SFT warm start %s: %s", "trained" if trained else "reused from cache", path)
     spec = OmegaConf.to_container(cfg.policy, resolve=True)
@@ -99,11 +109,19 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
     lcfg = cfg.logger
     tracking.ensure_experiment(lcfg.tracking_uri, lcfg.experiment_name)
     tags = {k: str(v) for k, v in (lcfg.get("tags") or {}).items()}
-    run_name = lcfg.get("run_name") or tracking.run_name_from_overrides(cfg)
-    return MLFlowLogger(
-        experiment_name=lcfg.experiment_name, tracking_uri=lcfg.tracking_uri, run_name=run_name,
-        tags=tags, log_model=False,
+    sweep_name, sweep_tags = sweep.job_tags()  # parent run, sweep id, job number in a -m sweep
+    tags.update(sweep_tags)
+    run_name = lcfg.get("run_name") or sweep_name or tracking.run_name_from_overrides(cfg)
+    logger = MLFlowLogger(
+        experiment_name=lcfg.experiment_name,
+        tracking_uri=lcfg.tracking_uri,
+        run_name=run_name,
+        tags=tags,
+        log_model=False,
     )
+    # mlflow_run.json beside checkpoints/: eval links a checkpoint to this run, the sweep finds it.
+    sweep.write_run_file(output_dir(cfg), logger.run_id, logger.experiment_id, lcfg.tracking_uri)
+    return logger
 
 
 def train(cfg: DictConfig) -> float:
@@ -119,10 +137,17 @@ def train(cfg: DictConfig) -> float:
     sampler = instantiate(cfg.sampler)
     policy, sft_path = build_policy(cfg, task)
     module = GRPOModule(
-        policy=policy, task=task, rewards=rewards, sampler=sampler, algo=algo_config(cfg),
+        policy=policy,
+        task=task,
+        rewards=rewards,
+        sampler=sampler,
+        algo=algo_config(cfg),
         optim=OptimConfig(
-            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps,
-            scheduler=cfg.train.scheduler, total_steps=optimizer_steps(cfg),
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            warmup_steps=cfg.train.warmup_steps,
+            scheduler=cfg.train.scheduler,
+            total_steps=optimizer_steps(cfg),
         ),
     )
     datamodule = TaskDataModule(
@@ -134,8 +159,11 @@ def train(cfg: DictConfig) -> float:
     if sft_path is not None:
         logger.experiment.set_tag(logger.run_id, "grpo_lab.sft_warm_start", str(sft_path))
     checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="rollout-{step}", save_last=True,
-        every_n_train_steps=cfg.train.checkpoint_every, save_top_k=-1 if cfg.train.checkpoint_every else 0,
+        dirpath=out / "checkpoints",
+        filename="rollout-{step}",
+        save_last=True,
+        every_n_train_steps=cfg.train.checkpoint_every,
+        save_top_k=-1 if cfg.train.checkpoint_every else 0,
     )
     trainer: L.Trainer = instantiate(
         cfg.trainer,
@@ -143,25 +171,33 @@ def train(cfg: DictConfig) -> float:
         val_check_interval=cfg.train.eval_every,
         check_val_every_n_epoch=None,
         logger=logger,
-        callbacks=[checkpoint, tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged)],
+        callbacks=[
+            checkpoint,
+            tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged),
+        ],
         default_root_dir=str(out),
     )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist; give a .ckpt written by a run")
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r} does not exist; give a .ckpt written by a run"
+        )
     if not ckpt_path:
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         logger.log_metrics({"eval/accuracy_start": start["eval/accuracy"]}, step=0)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    except BaseException:
+    except BaseException as err:
+        sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
         logger.finalize("FAILED")
         raise
     for key in ("eval/accuracy", "eval/reward", "eval/mean_length"):
         if key in final:
             logger.log_metrics({f"{key}_final": final[key]}, step=trainer.global_step)
-    objective = float(final.get(cfg.train.objective, trainer.callback_metrics.get(cfg.train.objective, math.nan)))
+    objective = float(
+        final.get(cfg.train.objective, trainer.callback_metrics.get(cfg.train.objective, math.nan))
+    )
     logger.finalize("FINISHED")
     exp_id = logger.experiment_id
     log.info("objective %s = %.4f", cfg.train.objective, objective)
@@ -173,11 +209,27 @@ def train(cfg: DictConfig) -> float:
 
 
 def silence_noise() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """Drop log lines and warnings that say nothing to a grpo_lab user."""
+    import warnings
+
     import transformers
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    # Lightning adds its own console handler; Hydra's root handler already prints (and files) it.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+        lg.addFilter(lambda record: "litlogger" not in record.getMessage())
+    for pattern in (
+        r".*LeafSpec.*",  # torch pytree deprecation inside Lightning
+        r".*Using ModelCheckpoint with manual optimization.*",  # we checkpoint after whole rollouts
+        r".*does not have many workers.*",  # prompts are a list in memory; workers would not help
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def sft_only(cfg: DictConfig) -> float:
@@ -190,7 +242,9 @@ def sft_only(cfg: DictConfig) -> float:
         raise ValueError("sft.enabled=false or sft.steps=0: there is no warm start to train")
     from grpo_lab.evaluate import greedy_accuracy
 
-    acc = greedy_accuracy(policy, task.eval()[: cfg.train.eval_size], task, instantiate(cfg.sampler))
+    acc = greedy_accuracy(
+        policy, task.eval()[: cfg.train.eval_size], task, instantiate(cfg.sampler)
+    )
     print(f"[grpo-lab] SFT warm start: {path}")
     print(f"[grpo-lab] greedy eval accuracy of the warm start: {acc:.4f}")
     return acc

@@ -79,7 +79,12 @@ def tiny_llama(
     return Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
 
 
 def load_pretrained(

@@ -29,7 +29,9 @@ def char_tokenizer(charset: str = CHARSET) -> PreTrainedTokenizerFast:
         vocab.setdefault(ch, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Split between every character and keep each one (spaces included) as its own token.
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # [\s\S], not ".": the regex engine's "." skips "\n", which left a run of newlines as
+    # one unsplit piece that became a single <unk>.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     # Join tokens with no separator so that decode(encode(s)) == s.
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(

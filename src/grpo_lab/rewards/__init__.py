@@ -12,5 +12,16 @@ what they need and accept ``**_`` for the rest.
 
 from grpo_lab.rewards.basic import accuracy_reward, format_reward
 from grpo_lab.rewards.combine import RewardError, RewardSet
+from grpo_lab.rewards.length import length_penalty, overlong_penalty
+from grpo_lab.rewards.model import EmbeddingSimilarity, RewardModel
 
-__all__ = ["RewardError", "RewardSet", "accuracy_reward", "format_reward"]
+__all__ = [
+    "EmbeddingSimilarity",
+    "RewardError",
+    "RewardModel",
+    "RewardSet",
+    "accuracy_reward",
+    "format_reward",
+    "length_penalty",
+    "overlong_penalty",
+]

@@ -11,29 +11,44 @@ from grpo_lab.tasks.base import Example
 def accuracy_reward(
     completions: list[str], examples: list[Example], task: Any = None, **_: Any
 ) -> list[float]:
-    """1.0 when the parsed answer equals the reference, else 0.0.
+    """1.0 when the task marks the completion correct, else 0.0.
 
-    Parsing is the task's (``task.parse_answer``); without a task, the stripped completion
-    must equal the answer text.
+    Correctness is the task's (``task.is_correct``: e.g. the parsed integer equals the
+    answer, or a countdown expression reaches its target with the given numbers); without a
+    task, the stripped completion must equal the answer text.
     """
-    out = []
-    for completion, example in zip(completions, examples, strict=True):
-        given = task.parse_answer(completion) if task is not None else completion.strip()
-        out.append(1.0 if given is not None and given == example.answer else 0.0)
-    return out
+    if task is None:
+        return [
+            1.0 if c.strip() == ex.answer else 0.0
+            for c, ex in zip(completions, examples, strict=True)
+        ]
+    return [
+        1.0 if task.is_correct(c, ex) else 0.0 for c, ex in zip(completions, examples, strict=True)
+    ]
 
 
 def format_reward(
     completions: list[str],
     examples: list[Example],
-    pattern: str = r"^\s*-?\d+\s*$",
+    pattern: str | None = r"^\s*-?\d+\s*$",
     truncated: list[bool] | None = None,
+    task: Any = None,
     **_: Any,
 ) -> list[float]:
-    """1.0 when the completion fully matches ``pattern`` and ended by itself (not truncated)."""
-    regex = re.compile(pattern, re.DOTALL)
+    """1.0 when the completion is well-formed and ended by itself (not truncated).
+
+    Well-formed: fully matches ``pattern``; with ``pattern=None``, the task's own format
+    (``task.parse_answer`` finds an answer).
+    """
+    if pattern is None and task is None:
+        raise ValueError(
+            "format_reward: pattern=None uses the task's format, but no task was given"
+        )
+    regex = re.compile(pattern, re.DOTALL) if pattern is not None else None
     truncated = truncated or [False] * len(completions)
     return [
-        1.0 if (not cut and regex.fullmatch(c)) else 0.0
+        1.0
+        if not cut and (regex.fullmatch(c) if regex else task.parse_answer(c) is not None)
+        else 0.0
         for c, cut in zip(completions, truncated, strict=True)
     ]

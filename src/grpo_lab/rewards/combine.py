@@ -54,7 +54,9 @@ class RewardSet:
             try:
                 scores = fn(completions, examples, **ctx)
             except Exception as err:  # the user's code: say whose it was and keep the cause
-                raise RewardError(f"reward function {name!r} raised {type(err).__name__}: {err}") from err
+                raise RewardError(
+                    f"reward function {name!r} raised {type(err).__name__}: {err}"
+                ) from err
             per_fn[name] = self._check(name, scores, n)
         total = torch.zeros(n, dtype=torch.float32)
         for name, scores in per_fn.items():

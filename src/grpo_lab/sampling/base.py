@@ -40,11 +40,19 @@ class Sampler(Protocol):
     max_new_tokens: int
 
     def sample(
-        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, *, greedy: bool = False
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        num_samples: int,
+        *,
+        greedy: bool = False,
     ) -> Completions: ...
 
 
-def trim_at_eos(completion_ids: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+def trim_at_eos(
+    completion_ids: Tensor, eos_token_id: int, pad_token_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mask and pad everything after the first EOS.
 
     completion_ids: (N, T). Returns (ids (N, T) padded after EOS, mask (N, T) 1 up to and
@@ -53,7 +61,11 @@ def trim_at_eos(completion_ids: Tensor, eos_token_id: int, pad_token_id: int) ->
     is_eos = completion_ids == eos_token_id
     has_eos = is_eos.any(dim=1)
     # index of first EOS, or T when there is none
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1), completion_ids.new_full(has_eos.shape, completion_ids.shape[1]))
+    first = torch.where(
+        has_eos,
+        is_eos.int().argmax(dim=1),
+        completion_ids.new_full(has_eos.shape, completion_ids.shape[1]),
+    )
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device).unsqueeze(0)
     mask = (positions <= first.unsqueeze(1)).long()
     ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, pad_token_id))

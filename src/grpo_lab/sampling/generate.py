@@ -27,7 +27,9 @@ class GenerateSampler:
         if max_new_tokens < 1:
             raise ValueError(f"sampler.max_new_tokens={max_new_tokens}; must be >= 1")
         if temperature <= 0:
-            raise ValueError(f"sampler.temperature={temperature}; must be > 0 (greedy eval is separate)")
+            raise ValueError(
+                f"sampler.temperature={temperature}; must be > 0 (greedy eval is separate)"
+            )
         if not 0 < top_p <= 1:
             raise ValueError(f"sampler.top_p={top_p}; must be in (0, 1]")
         self.max_new_tokens = max_new_tokens
@@ -40,7 +42,13 @@ class GenerateSampler:
 
     @torch.no_grad()
     def sample(
-        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, *, greedy: bool = False
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        num_samples: int,
+        *,
+        greedy: bool = False,
     ) -> Completions:
         config = model.generation_config
         eos, pad = config.eos_token_id, config.pad_token_id
@@ -55,7 +63,11 @@ class GenerateSampler:
             pad_token_id=pad,
         )
         if greedy:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            # generate refuses num_return_sequences > 1 without sampling; every copy of a
+            # greedy completion is the same, so decode once and repeat the rows below.
+            kwargs.update(
+                do_sample=False, temperature=None, top_k=None, top_p=None, num_return_sequences=1
+            )
         else:
             kwargs.update(
                 do_sample=True,
@@ -67,7 +79,9 @@ class GenerateSampler:
         if self.stop_strings:
             kwargs.update(stop_strings=self.stop_strings, tokenizer=self.tokenizer)
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-        raw = out[:, prompt_ids.shape[1]:]
+        raw = out[:, prompt_ids.shape[1] :]
+        if greedy:
+            raw = raw.repeat_interleave(num_samples, dim=0)
         ids, mask, truncated = trim_at_eos(raw, eos, pad)
         return Completions(
             prompt_ids=prompt_ids.repeat_interleave(num_samples, dim=0),

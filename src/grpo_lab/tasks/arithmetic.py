@@ -24,11 +24,28 @@ def parse_int_answer(completion: str) -> str | None:
     return str(int(text)) if _INT.fullmatch(text) else None
 
 
+def carry_free_sum(a: int, b: int) -> int:
+    """a + b with every carry dropped (digit-wise sum mod 10): 38+45 -> 73, not 83.
+
+    The classic mistake of someone who has not learned to carry; used to make flawed
+    demonstrations that a verifier-based reward can correct.
+    """
+    out, place = 0, 1
+    while a or b:
+        out += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return out
+
+
 class ArithmeticTask:
     """Integer arithmetic over operands in [min_operand, max_operand].
 
     ops: operators drawn from ``+ - *``; each (a, op, b) appears once.
     eval_size: how many examples are held out for eval (taken before train).
+    flawed_demo_fraction: fraction of training examples whose SFT demonstration of an
+      addition drops its carries (``carry_free_sum``). It models imperfect SFT data: the
+      warm start learns the mistake and GRPO, whose reward checks the true answer, has to
+      unlearn it. Answers (what rewards and eval check) are always correct; 0 = clean demos.
     """
 
     name = "arithmetic"
@@ -41,7 +58,10 @@ class ArithmeticTask:
         ops: tuple[str, ...] | list[str] = ("+",),
         eval_size: int = 500,
         seed: int = 0,
+        flawed_demo_fraction: float = 0.0,
     ) -> None:
+        if not 0.0 <= flawed_demo_fraction <= 1.0:
+            raise ValueError(f"task.flawed_demo_fraction={flawed_demo_fraction} must be in [0, 1]")
         unknown = [op for op in ops if op not in self.OPS]
         if unknown:
             raise ValueError(f"task.ops={list(ops)!r} has {unknown}; allowed: {list(self.OPS)}")
@@ -60,8 +80,14 @@ class ArithmeticTask:
                 f"task.eval_size={eval_size} must be between 1 and {len(examples) - 1} "
                 f"(the task has {len(examples)} examples)"
             )
-        random.Random(seed).shuffle(examples)
+        rng = random.Random(seed)
+        rng.shuffle(examples)
         self._eval, self._train = examples[:eval_size], examples[eval_size:]
+        if flawed_demo_fraction:
+            self._train = [
+                _with_flawed_demo(ex) if rng.random() < flawed_demo_fraction else ex
+                for ex in self._train
+            ]
 
     def train(self) -> list[Example]:
         return self._train
@@ -74,3 +100,15 @@ class ArithmeticTask:
 
     def is_correct(self, completion: str, example: Example) -> bool:
         return self.parse_answer(completion) == example.answer
+
+
+def _with_flawed_demo(ex: Example) -> Example:
+    a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)=", ex.prompt).groups()
+    if op != "+":
+        return ex
+    return Example(
+        prompt=ex.prompt,
+        answer=ex.answer,
+        demonstration=str(carry_free_sum(int(a), int(b))),
+        meta=ex.meta,
+    )

@@ -1,0 +1,98 @@
+"""``grpo-lab eval`` on a checkpoint of the shared sweep, and the pass@k estimator by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpo_lab.evaluate import pass_at_k
+from test_sweep import GridSweep, shared_grid_sweep
+
+
+def test_pass_at_k_matches_hand_computation():
+    # n=5 samples, c=2 correct, k=2: 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    # k=1 is the fraction correct: 1 - C(3,1)/C(4,1) = 1/4
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    # n=10, c=3, k=4: 1 - C(7,4)/C(10,4) = 1 - 35/210
+    assert pass_at_k(10, 3, 4) == pytest.approx(1 - 35 / 210)
+    assert pass_at_k(10, 0, 5) == 0.0
+    assert pass_at_k(3, 2, 2) == 1.0  # only one wrong sample: any two include a right one
+    assert pass_at_k(16, 16, 8) == 1.0
+    assert math.isclose(pass_at_k(8, 4, 8), 1.0)
+
+
+def test_pass_at_k_rejects_k_outside_1_to_n():
+    with pytest.raises(ValueError, match=r"k=9 is invalid: expected 1 <= k <= n \(n=8\)"):
+        pass_at_k(8, 1, 9)
+    with pytest.raises(ValueError, match=r"c=9 is invalid"):
+        pass_at_k(8, 9, 2)
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory, mlflow_template, cache_dir) -> GridSweep:
+    return shared_grid_sweep(tmp_path_factory, mlflow_template, cache_dir)
+
+
+def run_eval(sweep: GridSweep, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "grpo_lab.cli", "eval", *args],
+        cwd=sweep.cwd,
+        env=sweep.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@pytest.mark.slow
+def test_eval_scores_a_checkpoint_as_a_run_linked_to_its_training_run(grid_sweep, tmp_path):
+    from mlflow import MlflowClient
+
+    job = grid_sweep.sweep_dir / "0"
+    ckpt = job / "checkpoints" / "last.ckpt"
+    proc = run_eval(
+        grid_sweep,
+        f"ckpt={ckpt}",
+        "task.max_operand=9",
+        "task.eval_size=20",
+        "eval.size=8",
+        "eval.n=4",
+        "eval.k=2",
+        "eval.batch_size=4",
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    train_run_id = json.loads((job / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=grid_sweep.tracking_uri)
+    exp = client.get_experiment_by_name("grpo_lab")
+    (run,) = client.search_runs(
+        [exp.experiment_id], f"tags.`grpo_lab.train_run_id` = '{train_run_id}'"
+    )
+    train_run = client.get_run(train_run_id)
+    assert run.info.run_name == f"eval {train_run.info.run_name}" and run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert set(m) >= {"eval/accuracy", "eval/pass_at_2", "eval/pass_at_1", "eval/mean_length"}
+    assert 0 <= m["eval/pass_at_1"] <= m["eval/pass_at_2"] <= 1
+    assert run.data.params["eval.k"] == "2" and run.data.params["eval.n"] == "4"
+    table = json.loads(
+        Path(
+            client.download_artifacts(run.info.run_id, "eval/completions.json", str(tmp_path))
+        ).read_text()
+    )
+    assert (
+        len(table["data"]) == 8 and "pass_at_2" in table["columns"] and "greedy" in table["columns"]
+    )
+    assert f"eval/accuracy = {m['eval/accuracy']:.4f}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_eval_rejects_k_larger_than_n(grid_sweep):
+    ckpt = grid_sweep.sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    proc = run_eval(grid_sweep, f"ckpt={ckpt}", "eval.n=4", "eval.k=9")
+    assert proc.returncode != 0
+    assert "eval.k=9 is invalid: expected 1 <= eval.k <= eval.n (eval.n=4)" in proc.stderr

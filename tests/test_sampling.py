@@ -1,0 +1,194 @@
+"""Samplers and completion log-probs on a real tiny Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo_lab.policy import tiny_llama
+from grpo_lab.sampling import Completions, GenerateSampler, completion_logprobs, trim_at_eos
+
+EOS, PAD = 2, 0
+
+
+# --------------------------------------------------------------------------- trim_at_eos
+
+
+def test_trim_at_eos_masks_and_pads_everything_after_the_first_eos():
+    raw = torch.tensor(
+        [
+            [5, 6, EOS, 7, 8],  # EOS in the middle
+            [5, 6, 7, 8, 9],  # no EOS: truncated, all real
+            [EOS, 5, 6, 7, 8],  # EOS first: a one-token completion
+            [5, EOS, 6, EOS, 7],  # two EOS: the first one ends it
+            [5, 6, 7, 8, EOS],  # EOS on the last column: not truncated
+        ]
+    )
+    ids, mask, truncated = trim_at_eos(raw, EOS, PAD)
+    assert ids.tolist() == [
+        [5, 6, EOS, PAD, PAD],
+        [5, 6, 7, 8, 9],
+        [EOS, PAD, PAD, PAD, PAD],
+        [5, EOS, PAD, PAD, PAD],
+        [5, 6, 7, 8, EOS],
+    ]
+    assert mask.tolist() == [
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1],
+    ]
+    assert truncated.tolist() == [False, True, False, False, False]
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+@pytest.fixture(scope="module")
+def policy():
+    policy = tiny_llama(hidden_size=32, intermediate_size=64, seed=1)
+    policy.model.eval()
+    return policy
+
+
+def _completions(tokenizer, prompts: list[str], completions: list[str], eos_at: list[bool]):
+    """Left-padded prompts and right-padded completions, as a sampler returns them."""
+    enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    rows = [
+        tokenizer.encode(c) + ([tokenizer.eos_token_id] if e else [])
+        for c, e in zip(completions, eos_at)
+    ]
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    return Completions(
+        prompt_ids=enc["input_ids"],
+        prompt_mask=enc["attention_mask"],
+        completion_ids=ids,
+        completion_mask=mask,
+        truncated=torch.tensor([not e for e in eos_at]),
+    )
+
+
+def _reference_logprobs(
+    model, tokenizer, prompt: str, completion_ids: list[int], temperature: float
+):
+    """One prompt alone, no padding: a plain forward and a float64 log-softmax."""
+    prompt_ids = tokenizer.encode(prompt)
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].to(torch.float64) / temperature
+    # the logit at position P-1+t predicts completion token t
+    predicting = logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(completion_ids)]
+    logp_all = torch.log_softmax(predicting, dim=-1)
+    logp = logp_all.gather(1, torch.tensor(completion_ids).unsqueeze(1)).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    return logp, entropy
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logprobs_match_an_unpadded_float64_forward(policy, temperature):
+    tok = policy.tokenizer
+    prompts = ["7+1=", "12+34=", "123*45="]  # different lengths: the short ones get left padding
+    completions = _completions(tok, prompts, ["8", "46", "5535"], eos_at=[True, True, False])
+    assert (completions.prompt_mask == 0).any(), "the batch must contain left padding"
+    logp, entropy = completion_logprobs(
+        policy.model, completions, temperature=temperature, with_entropy=True
+    )
+    assert logp.shape == completions.completion_ids.shape and logp.dtype == torch.float32
+    for i, prompt in enumerate(prompts):
+        n = int(completions.completion_mask[i].sum())
+        real = completions.completion_ids[i, :n].tolist()
+        ref_logp, ref_entropy = _reference_logprobs(policy.model, tok, prompt, real, temperature)
+        torch.testing.assert_close(logp[i, :n].to(torch.float64), ref_logp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(entropy[i, :n].to(torch.float64), ref_entropy, rtol=0, atol=1e-5)
+
+
+def test_completion_logprobs_of_a_row_do_not_depend_on_its_batch(policy):
+    tok = policy.tokenizer
+    alone = _completions(tok, ["7+1="], ["8"], eos_at=[True])
+    batched = _completions(tok, ["7+1=", "999*999="], ["8", "998001"], eos_at=[True, True])
+    logp_alone, _ = completion_logprobs(policy.model, alone)
+    logp_batched, _ = completion_logprobs(policy.model, batched)
+    n = int(alone.completion_mask[0].sum())
+    torch.testing.assert_close(logp_batched[0, :n], logp_alone[0, :n], rtol=0, atol=1e-5)
+
+
+def test_completion_logprobs_do_not_return_entropy_unless_asked(policy):
+    completions = _completions(policy.tokenizer, ["1+1="], ["2"], eos_at=[True])
+    _, entropy = completion_logprobs(policy.model, completions)
+    assert entropy is None
+
+
+# --------------------------------------------------------------------------- GenerateSampler
+
+
+def _prompts(tokenizer, prompts: list[str]):
+    enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _assert_masks_follow_eos(c: Completions, eos: int, pad: int):
+    for ids, mask, cut in zip(
+        c.completion_ids.tolist(), c.completion_mask.tolist(), c.truncated.tolist()
+    ):
+        n = sum(mask)
+        assert mask == [1] * n + [0] * (len(mask) - n)  # a prefix of ones
+        assert ids[n:] == [pad] * (len(ids) - n)
+        if cut:
+            assert eos not in ids and n == len(ids)
+        else:
+            assert ids[n - 1] == eos and eos not in ids[: n - 1]
+
+
+def test_sampler_returns_b_times_g_rows_with_masks_that_follow_eos(policy):
+    # A random-init model is close to uniform over ~100 tokens, so with 24 new tokens about
+    # one row in five stops at EOS: the batch has both kinds of row.
+    prompt_ids, prompt_mask = _prompts(policy.tokenizer, ["1+2=", "30+40=", "5*6="])
+    sampler = GenerateSampler(max_new_tokens=24, temperature=1.0)
+    torch.manual_seed(0)
+    c = sampler.sample(policy.model, prompt_ids, prompt_mask, num_samples=8)
+    assert c.completion_ids.shape == (24, 24) and c.completion_mask.shape == (24, 24)
+    assert c.truncated.shape == (24,)
+    assert c.truncated.any() and not c.truncated.all(), "need both EOS and truncated rows"
+    _assert_masks_follow_eos(c, policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id)
+    # rows g*G .. g*G+G-1 carry prompt g
+    torch.testing.assert_close(c.prompt_ids, prompt_ids.repeat_interleave(8, dim=0))
+    torch.testing.assert_close(c.prompt_mask, prompt_mask.repeat_interleave(8, dim=0))
+    # sampling, not copying: the 8 completions of a prompt are not all the same
+    assert len({tuple(r) for r in c.completion_ids[:8].tolist()}) > 1
+
+
+def test_greedy_sampling_is_deterministic_and_grouped_by_prompt(policy):
+    tok = policy.tokenizer
+    # A random tied-embedding model tends to repeat the last prompt character, so prompts
+    # that end differently get different greedy completions.
+    prompts = ["1+2=", "abc", "hello world"]
+    prompt_ids, prompt_mask = _prompts(tok, prompts)
+    sampler = GenerateSampler(max_new_tokens=6)
+    first = sampler.sample(policy.model, prompt_ids, prompt_mask, num_samples=3, greedy=True)
+    second = sampler.sample(policy.model, prompt_ids, prompt_mask, num_samples=3, greedy=True)
+    assert torch.equal(first.completion_ids, second.completion_ids)
+    assert torch.equal(first.completion_mask, second.completion_mask)
+    # each prompt alone, unpadded, gives the completion of its own group of rows
+    for g, prompt in enumerate(prompts):
+        ids, mask = _prompts(tok, [prompt])
+        alone = sampler.sample(policy.model, ids, mask, num_samples=1, greedy=True)
+        for row in range(g * 3, g * 3 + 3):
+            assert first.completion_ids[row].tolist() == alone.completion_ids[0].tolist()
+    per_prompt = {tuple(first.completion_ids[g * 3].tolist()) for g in range(3)}
+    assert len(per_prompt) > 1, "prompts must differ in output for the grouping check to bite"
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"max_new_tokens": 0}, "sampler.max_new_tokens"),
+        ({"temperature": 0.0}, "sampler.temperature"),
+        ({"top_p": 0.0}, "sampler.top_p"),
+    ],
+)
+def test_sampler_rejects_bad_settings_naming_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        GenerateSampler(**kwargs)
