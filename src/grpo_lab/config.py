@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable
-from typing import Any
+from enum import Enum
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from grpo_lab.schema import SCHEMAS
 
 
 class ConfigError(ValueError):
@@ -55,6 +60,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kl.mode": _choice("loss", "reward"),
     "advantage.scale": _choice("group_std", "batch_std", "none", "rloo"),
     "advantage.eps": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "advantage.unbiased_std": _rule(lambda v: isinstance(v, bool), "true or false"),
     "train.rollouts": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "train.prompts_per_step": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "train.minibatch_size": _rule(
@@ -72,10 +78,26 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.warmup_steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "train.eval_every": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "train.eval_size": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "train.ref_sync_every": _rule(
+        lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = never refresh the reference)"
+    ),
+    "train.ref_sync_mix": _rule(
+        lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1] (1 = hard copy)"
+    ),
+    "train.dynamic_sampling": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "train.dynamic_sampling_max_tries": _rule(
+        lambda v: _is_int(v) and v >= 1, "an integer >= 1 (1 = sample once, only log the drop rate)"
+    ),
     "sampler.max_new_tokens": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "sampler.temperature": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
     "sampler.top_k": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
     "sampler.top_p": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "sampler.min_p": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1) (0 = off)"),
+    "policy.use_chat_template": _rule(lambda v: v in ("auto", True, False), "auto, true or false"),
+    "policy.lora.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "policy.lora.r": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "policy.lora.alpha": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "policy.lora.dropout": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "sft.steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
 }
 
@@ -89,10 +111,68 @@ def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
     return True, node
 
 
+def _describe(tp: Any) -> str:
+    """What a schema field's type allows, in words."""
+    if get_origin(tp) is Union:
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return "null or " + _describe(inner[0])
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return "one of " + ", ".join(m.value for m in tp)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def schema_errors(cfg: DictConfig) -> dict[str, str]:
+    """Type errors against ``schema.SCHEMAS``: full key -> message (missing/unknown keys too)."""
+    errors: dict[str, str] = {}
+    for path, (schema, strict) in SCHEMAS.items():
+        present, node = (True, cfg) if not path else _get(cfg, path)
+        if not present or not isinstance(node, DictConfig):
+            continue
+        prefix = f"{path}." if path else ""
+        types = get_type_hints(schema)
+        names = [f.name for f in dataclasses.fields(schema)]
+        if strict:
+            for key in node:
+                if key not in types:
+                    errors[prefix + str(key)] = (
+                        f"{prefix}{key} is not a key of {path}; allowed keys: {', '.join(names)}"
+                    )
+            for name in names:
+                if name not in node:
+                    errors[prefix + name] = (
+                        f"{prefix}{name} is missing: expected {_describe(types[name])}"
+                    )
+        for name in names:
+            if name not in node or prefix + name in errors:
+                continue
+            try:
+                value = node[name]  # resolves interpolations such as ${epsilon}
+            except OmegaConfBaseException as err:
+                errors[prefix + name] = f"{prefix}{name} cannot be resolved: {err}"
+                continue
+            try:
+                # One key at a time, so each bad key is named; the others stay MISSING.
+                OmegaConf.merge(OmegaConf.structured(schema), {name: value})
+            except OmegaConfBaseException:
+                key = prefix + name
+                allowed = RULES[key][1] if key in RULES else _describe(types[name])
+                errors[key] = f"{key}={value!r} is invalid: expected {allowed}"
+    return errors
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming every bad key, its value and what is allowed."""
-    errors = []
+    """Raise ConfigError naming every bad key, its value and what is allowed.
+
+    First the types (``schema.SCHEMAS``: wrong type, option outside the allowed ones, missing or
+    unknown key of kl/advantage/loss), then the ranges (``RULES``) of keys that typed correctly.
+    """
+    typed = schema_errors(cfg)
+    errors = list(typed.values())
     for key, (ok, allowed) in RULES.items():
+        if key in typed:
+            continue
         present, value = _get(cfg, key)
         if present and not ok(value):
             errors.append(f"{key}={value!r} is invalid: expected {allowed}")

@@ -13,8 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 from grpo_lab.instantiate import instantiate
 from grpo_lab.policy.build import Policy
 from grpo_lab.tasks.base import Example, Task
+from grpo_lab.tasks.chat import render_prompts
 
 log = logging.getLogger(__name__)
+
+
+def encode_prompts(policy: Policy, examples: list[Example], task: Task) -> dict[str, torch.Tensor]:
+    """Left-padded prompts rendered as SFT and GRPO render them (chat template, system prompt)."""
+    texts = render_prompts(
+        policy.tokenizer,
+        [ex.prompt for ex in examples],
+        system_prompt=getattr(task, "system_prompt", None),
+        use_chat_template=policy.use_chat_template,
+    )
+    return policy.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
 @torch.no_grad()
@@ -24,12 +36,12 @@ def greedy_accuracy(
     """Fraction of examples whose greedy completion the task marks correct."""
     model, tok = policy.model, policy.tokenizer
     model.eval()
+    if getattr(sampler, "stop_strings", None):
+        sampler.tokenizer = tok
     correct = 0
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
-        enc = tok(
-            [ex.prompt for ex in batch], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        enc = encode_prompts(policy, batch, task)
         comp = sampler.sample(model, enc["input_ids"], enc["attention_mask"], 1, greedy=True)
         texts = tok.batch_decode(comp.completion_ids, skip_special_tokens=True)
         correct += sum(task.is_correct(t, ex) for t, ex in zip(texts, batch))
@@ -89,6 +101,8 @@ def score(
     """Greedy accuracy and pass@k over ``examples``; per-example rows for the completions table."""
     model, tok = policy.model, policy.tokenizer
     model.eval()
+    if getattr(sampler, "stop_strings", None):
+        sampler.tokenizer = tok
     rows: dict[str, list] = {
         "prompt": [],
         "answer": [],
@@ -101,9 +115,7 @@ def score(
     lengths = []
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
-        enc = tok(
-            [ex.prompt for ex in batch], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        enc = encode_prompts(policy, batch, task)
         greedy = sampler.sample(model, enc["input_ids"], enc["attention_mask"], 1, greedy=True)
         lengths += greedy.lengths.tolist()
         greedy_texts = tok.batch_decode(greedy.completion_ids, skip_special_tokens=True)

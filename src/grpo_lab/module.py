@@ -14,9 +14,11 @@ from torch import Tensor
 
 from grpo_lab import objective
 from grpo_lab.policy.build import Policy, frozen_copy
+from grpo_lab.policy.lora import is_lora
 from grpo_lab.rewards.combine import RewardSet
 from grpo_lab.sampling.base import Completions, Sampler, completion_logprobs
 from grpo_lab.tasks.base import Example, Task
+from grpo_lab.tasks.chat import render_prompts
 
 
 @dataclass
@@ -109,6 +111,7 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.policy = policy.model
         self.tokenizer = policy.tokenizer
+        self.use_chat_template = policy.use_chat_template
         self.task = task
         self.rewards = rewards
         self.sampler = sampler
@@ -116,9 +119,18 @@ class GRPOModule(L.LightningModule):
             sampler.tokenizer = policy.tokenizer
         self.algo = algo
         self.optim = optim
-        # No reference model at all when the KL term is off.
+        # No reference model at all when the KL term is off. With LoRA the reference is the
+        # policy with its adapters disabled (see _reference_logprobs): no second copy is held.
         self.reference = None
-        if algo.beta > 0:
+        self.has_reference = algo.beta > 0
+        lora_base_is_reference = reference is None and is_lora(self.policy)
+        if self.has_reference and lora_base_is_reference and algo.ref_sync_every:
+            raise ValueError(
+                f"train.ref_sync_every={algo.ref_sync_every} needs a separate reference model; "
+                "with policy.lora.enabled=true the reference is the frozen base model: set "
+                "train.ref_sync_every=0"
+            )
+        if self.has_reference and not lora_base_is_reference:
             self.reference = reference if reference is not None else frozen_copy(self.policy)
         self.rollouts_done = 0
         self.last_rollout: Rollout | None = None  # read by tracking.CompletionTable
@@ -155,8 +167,15 @@ class GRPOModule(L.LightningModule):
         self.rollouts_done = checkpoint.get("grpo_rollouts_done", 0)
 
     def _encode_prompts(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
-        enc = self.tokenizer(
+        """Left-padded prompt ids and mask (B, P), rendered as SFT and eval render them."""
+        texts = render_prompts(
+            self.tokenizer,
             [ex.prompt for ex in examples],
+            system_prompt=getattr(self.task, "system_prompt", None),
+            use_chat_template=self.use_chat_template,
+        )
+        enc = self.tokenizer(
+            texts,
             return_tensors="pt",
             padding=True,
             add_special_tokens=False,
@@ -214,16 +233,14 @@ class GRPOModule(L.LightningModule):
                 rollout.stats["dynamic_sampling/tries"] = float(tries)
 
             temperature = self.sampler.temperature
-            if self.reference is not None:
-                rollout.ref_logp, _ = completion_logprobs(
-                    self.reference, rollout.completions, temperature=temperature
-                )
+            if self.has_reference:
+                rollout.ref_logp = self._reference_logprobs(rollout.completions)
             if self.algo.mu > 1:
                 rollout.old_logp, _ = completion_logprobs(
                     self.policy, rollout.completions, temperature=temperature
                 )
             rewards = rollout.rewards
-            if self.algo.kl_mode == "reward" and self.reference is not None:
+            if self.algo.kl_mode == "reward" and self.has_reference:
                 logp = rollout.old_logp
                 if logp is None:
                     logp, _ = completion_logprobs(
@@ -241,6 +258,16 @@ class GRPOModule(L.LightningModule):
         if was_training:
             self.policy.train()
         return rollout
+
+    def _reference_logprobs(self, completions: Completions) -> Tensor:
+        """log pi_ref (N, T): the frozen copy, or with LoRA the base model (adapters disabled)."""
+        if self.reference is not None:
+            model, base = self.reference, contextlib.nullcontext()
+        else:
+            model, base = self.policy, self.policy.disable_adapter()
+        with base:
+            logp, _ = completion_logprobs(model, completions, temperature=self.sampler.temperature)
+        return logp
 
     def _fresh_prompts(self, n_groups: int) -> list[Example]:
         pool = self.task.train()

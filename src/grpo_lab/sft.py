@@ -21,6 +21,7 @@ import torch
 
 from grpo_lab.policy.build import Policy, load_pretrained
 from grpo_lab.tasks.base import Example, Task
+from grpo_lab.tasks.chat import render_prompts
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,24 @@ log = logging.getLogger(__name__)
 RECIPE_VERSION = 2
 
 
-def demonstration_batch(policy: Policy, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+target+EOS with labels only on target and EOS tokens."""
+def demonstration_batch(
+    policy: Policy, examples: list[Example], system_prompt: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+target+EOS with labels only on target and EOS tokens.
+
+    Prompts are rendered as GRPO and eval render them (``render_prompts``: chat template
+    per ``policy.use_chat_template``, system prompt).
+    """
     tok = policy.tokenizer
+    prompts = render_prompts(
+        tok,
+        [ex.prompt for ex in examples],
+        system_prompt=system_prompt,
+        use_chat_template=policy.use_chat_template,
+    )
     rows, labels = [], []
-    for ex in examples:
-        p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+    for ex, prompt in zip(examples, prompts):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
         t = tok(ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append(p + t)
         labels.append([-100] * len(p) + t)
@@ -75,7 +88,11 @@ def fit_demonstrations(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     losses = []
     for step in range(steps):
-        batch = demonstration_batch(policy, rng.sample(pool, min(batch_size, len(pool))))
+        batch = demonstration_batch(
+            policy,
+            rng.sample(pool, min(batch_size, len(pool))),
+            system_prompt=getattr(task, "system_prompt", None),
+        )
         loss = model(**batch, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

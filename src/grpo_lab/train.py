@@ -41,12 +41,26 @@ def build_rewards(cfg: DictConfig) -> RewardSet:
 
 
 def algo_config(cfg: DictConfig) -> AlgoConfig:
+    """The module's knobs from the composed config (``kl=none`` forces beta to 0)."""
     estimator = cfg.kl.estimator
+    beta = 0.0 if estimator == "none" else float(cfg.beta)
+    if estimator == "none" and cfg.beta > 0:
+        log.warning(
+            "kl=none: no KL term and no reference model; beta=%s is ignored (effective beta 0)",
+            cfg.beta,
+        )
+    if beta == 0 and cfg.train.ref_sync_every:
+        log.warning(
+            "train.ref_sync_every=%s has no effect: there is no reference model (beta=%s, kl=%s)",
+            cfg.train.ref_sync_every,
+            cfg.beta,
+            estimator,
+        )
     return AlgoConfig(
         G=cfg.G,
         epsilon_low=cfg.loss.epsilon_low,
         epsilon_high=cfg.loss.epsilon_high,
-        beta=0.0 if estimator == "none" else float(cfg.beta),
+        beta=beta,
         mu=cfg.mu,
         kl_estimator="k3" if estimator == "none" else estimator,
         kl_mode=cfg.kl.mode,
@@ -78,8 +92,12 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
     """The policy to train: the SFT warm start when ``sft.enabled``, else the configured one."""
     if not cfg.sft.enabled or cfg.sft.steps == 0:
         return instantiate(cfg.policy), None
+    spec = OmegaConf.to_container(cfg.policy, resolve=True)
+    # SFT trains the full model; LoRA adapters (policy.lora) go on top of the warm start for
+    # GRPO, so runs with and without LoRA share one warm start.
+    full = {k: v for k, v in spec.items() if k != "lora"}
     key_parts = {
-        "policy": OmegaConf.to_container(cfg.policy, resolve=True),
+        "policy": full,
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "sft": {
             k: v
@@ -89,7 +107,7 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
         "seed": cfg.seed,
     }
     path, trained = warm_start(
-        lambda: instantiate(cfg.policy),
+        lambda: instantiate(OmegaConf.create(full)),
         task,
         cache_dir=cfg.sft.cache_dir,
         key_parts=key_parts,
@@ -100,7 +118,6 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
         seed=cfg.seed,
     )
     log.info("SFT warm start %s: %s", "trained" if trained else "reused from cache", path)
-    spec = OmegaConf.to_container(cfg.policy, resolve=True)
     spec["init_from"] = str(path)
     return instantiate(OmegaConf.create(spec)), path
 
@@ -125,17 +142,50 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
 
 
 def train(cfg: DictConfig) -> float:
-    """Run one GRPO experiment; returns ``cfg.train.objective`` at the end (for sweepers)."""
-    validate(cfg)  # before any compute
+    """Run one GRPO experiment; returns ``cfg.train.objective`` at the end (for sweepers).
+
+    The config is validated before any compute. Once the MLflow run exists, any failure (SFT,
+    a reward function, a NaN loss) marks it FAILED with the error; checkpoints already written
+    stay on disk.
+    """
+    validate(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r} does not exist; give a .ckpt written by a run"
+        )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
+    logger = make_logger(cfg)
+    try:
+        tracking.log_config(logger, cfg)
+        objective = _fit(cfg, logger, out, ckpt_path)
+    except BaseException as err:
+        sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
+        logger.finalize("FAILED")
+        raise
+    logger.finalize("FINISHED")
+    log.info("objective %s = %.4f", cfg.train.objective, objective)
+    print(f"[grpo-lab] {cfg.train.objective} = {objective:.4f}  (run {logger.run_id})")
+    print(f"[grpo-lab] checkpoints: {out / 'checkpoints'}")
+    print(f"[grpo-lab] MLflow UI: {tracking.ui_command(cfg.logger.tracking_uri)}")
+    print(
+        f"[grpo-lab]   then open {tracking.runs_url(cfg.logger.tracking_uri, logger.experiment_id)}"
+    )
+    return objective
+
+
+def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None) -> float:
+    """Build the parts, evaluate the start, fit, evaluate the end; returns the objective."""
     task = instantiate(cfg.task)
     rewards = build_rewards(cfg)
     sampler = instantiate(cfg.sampler)
     policy, sft_path = build_policy(cfg, task)
+    if sft_path is not None:
+        logger.experiment.set_tag(logger.run_id, "grpo_lab.sft_warm_start", str(sft_path))
     module = GRPOModule(
         policy=policy,
         task=task,
@@ -153,11 +203,6 @@ def train(cfg: DictConfig) -> float:
     datamodule = TaskDataModule(
         task, cfg.train.prompts_per_step, cfg.train.eval_size, cfg.train.eval_batch_size, cfg.seed
     )
-
-    logger = make_logger(cfg)
-    tracking.log_config(logger, cfg)
-    if sft_path is not None:
-        logger.experiment.set_tag(logger.run_id, "grpo_lab.sft_warm_start", str(sft_path))
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints",
         filename="rollout-{step}",
@@ -177,35 +222,18 @@ def train(cfg: DictConfig) -> float:
         ],
         default_root_dir=str(out),
     )
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).exists():
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path!r} does not exist; give a .ckpt written by a run"
-        )
     if not ckpt_path:
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         logger.log_metrics({"eval/accuracy_start": start["eval/accuracy"]}, step=0)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    except BaseException as err:
-        sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
-        logger.finalize("FAILED")
-        raise
-    for key in ("eval/accuracy", "eval/reward", "eval/mean_length"):
-        if key in final:
-            logger.log_metrics({f"{key}_final": final[key]}, step=trainer.global_step)
-    objective = float(
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    logger.log_metrics(
+        {f"{k}_final": v for k, v in final.items() if k.startswith("eval/")},
+        step=trainer.global_step,
+    )
+    return float(
         final.get(cfg.train.objective, trainer.callback_metrics.get(cfg.train.objective, math.nan))
     )
-    logger.finalize("FINISHED")
-    exp_id = logger.experiment_id
-    log.info("objective %s = %.4f", cfg.train.objective, objective)
-    print(f"[grpo-lab] {cfg.train.objective} = {objective:.4f}  (run {logger.run_id})")
-    print(f"[grpo-lab] checkpoints: {out / 'checkpoints'}")
-    print(f"[grpo-lab] MLflow UI: {tracking.ui_command(cfg.logger.tracking_uri)}")
-    print(f"[grpo-lab]   then open {tracking.runs_url(cfg.logger.tracking_uri, exp_id)}")
-    return objective
 
 
 def silence_noise() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,20 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from grpo_lab.policy.lora import apply_lora
 from grpo_lab.policy.tokenizer import char_tokenizer
 
 
 @dataclass
 class Policy:
-    """A causal LM and the tokenizer that goes with it."""
+    """A causal LM and the tokenizer that goes with it.
+
+    use_chat_template: how prompts are rendered (``tasks.chat.render_prompts``): auto | true | false.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    use_chat_template: str | bool = "auto"
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -43,6 +49,15 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
     return tokenizer
 
 
+def _finish(
+    policy: Policy, lora: Mapping[str, Any] | None, use_chat_template: str | bool
+) -> Policy:
+    """Apply the ``policy.lora`` adapters (when enabled) and the prompt-rendering mode."""
+    policy.model = apply_lora(policy.model, **dict(lora or {}))
+    policy.use_chat_template = use_chat_template
+    return policy
+
+
 def tiny_llama(
     hidden_size: int = 128,
     num_layers: int = 2,
@@ -51,14 +66,17 @@ def tiny_llama(
     max_position_embeddings: int = 128,
     seed: int = 0,
     init_from: str | None = None,
+    lora: Mapping[str, Any] | None = None,
+    use_chat_template: str | bool = "auto",
 ) -> Policy:
     """A small Llama-architecture model with the character tokenizer, built in code.
 
     init_from: a directory written by ``Policy.save`` (e.g. the SFT warm start); when given,
     the weights and tokenizer are loaded from there instead of initialised.
+    lora: ``apply_lora`` keywords (``enabled``, ``r``, ``alpha``, ``dropout``, ``target_modules``).
     """
     if init_from:
-        return load_pretrained(init_from)
+        return load_pretrained(init_from, lora=lora, use_chat_template=use_chat_template)
     tokenizer = char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -76,7 +94,8 @@ def tiny_llama(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
+    policy = Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
+    return _finish(policy, lora, use_chat_template)
 
 
 _DTYPES = {
@@ -93,8 +112,16 @@ def load_pretrained(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     model_kwargs: dict[str, Any] | None = None,
+    init_from: str | None = None,
+    lora: Mapping[str, Any] | None = None,
+    use_chat_template: str | bool = "auto",
 ) -> Policy:
-    """Any ``from_pretrained`` path or hub id (offline: a local directory)."""
+    """Any ``from_pretrained`` path or hub id (offline: a local directory).
+
+    init_from: a directory written by ``Policy.save`` (the SFT warm start) to load instead of
+    ``name_or_path``. lora: ``apply_lora`` keywords; use_chat_template: see ``Policy``.
+    """
+    name_or_path = init_from or name_or_path
     if dtype not in _DTYPES:
         raise ValueError(f"policy.dtype={dtype!r}; allowed: {', '.join(_DTYPES)}")
     local = Path(name_or_path)
@@ -117,7 +144,8 @@ def load_pretrained(
         tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
+    policy = Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
+    return _finish(policy, lora, use_chat_template)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -7,5 +7,14 @@ prompt-prefix KV cache, say) replace them without touching the GRPO module.
 
 from grpo_lab.sampling.base import Completions, Sampler, completion_logprobs, trim_at_eos
 from grpo_lab.sampling.generate import GenerateSampler
+from grpo_lab.sampling.kv_cache import KVCacheSampler, filter_logits
 
-__all__ = ["Completions", "GenerateSampler", "Sampler", "completion_logprobs", "trim_at_eos"]
+__all__ = [
+    "Completions",
+    "GenerateSampler",
+    "KVCacheSampler",
+    "Sampler",
+    "completion_logprobs",
+    "filter_logits",
+    "trim_at_eos",
+]

@@ -19,7 +19,9 @@ class Completions:
     prompt_mask:     (N, P) 1 on real prompt tokens
     completion_ids:  (N, T) sampled tokens, padded after EOS
     completion_mask: (N, T) 1 on tokens up to and including EOS
-    truncated:       (N,)   True where no EOS came within max_new_tokens
+    truncated:       (N,)   True where neither EOS nor a stop string came within max_new_tokens
+    sampling_logp:   (N, T) log-prob of each token under the distribution it was drawn from
+                     (after temperature and filtering), when the sampler records it; else None
     """
 
     prompt_ids: Tensor
@@ -27,6 +29,7 @@ class Completions:
     completion_ids: Tensor
     completion_mask: Tensor
     truncated: Tensor
+    sampling_logp: Tensor | None = None
 
     @property
     def lengths(self) -> Tensor:
@@ -70,6 +73,96 @@ def trim_at_eos(
     mask = (positions <= first.unsqueeze(1)).long()
     ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, pad_token_id))
     return ids, mask, ~has_eos
+
+
+class SamplingSettings:
+    """The knobs every sampler shares, checked once (errors name the ``sampler.*`` key).
+
+    temperature, top_k (0 = off), top_p (1 = off), min_p (0 = off), max_new_tokens;
+    stop_strings end a completion at the token that completes the first of them (such a
+    completion is not truncated; needs the tokenizer, which the module sets).
+    """
+
+    def __init__(
+        self,
+        max_new_tokens: int = 8,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        stop_strings: list[str] | None = None,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"sampler.max_new_tokens={max_new_tokens}; must be >= 1")
+        if temperature <= 0:
+            raise ValueError(
+                f"sampler.temperature={temperature}; must be > 0 (greedy eval is separate)"
+            )
+        if top_k < 0:
+            raise ValueError(f"sampler.top_k={top_k}; must be >= 0 (0 = off)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"sampler.top_p={top_p}; must be in (0, 1]")
+        if not 0 <= min_p < 1:
+            raise ValueError(f"sampler.min_p={min_p}; must be in [0, 1) (0 = off)")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.min_p = min_p
+        self.stop_strings = list(stop_strings) if stop_strings else None
+        self.tokenizer = None  # set by the module when stop strings need it
+
+
+def stop_window(stop_strings: list[str]) -> int:
+    """Trailing tokens to decode to see a stop string appear (a character can take 4 byte tokens)."""
+    return 4 * max(len(s) for s in stop_strings) + 4
+
+
+def completes_stop_string(
+    tokenizer, windows: list[list[int]], stop_strings: list[str]
+) -> list[bool]:
+    """Whether each row's decoded trailing tokens contain any stop string.
+
+    Called after every new token, so the first call that sees a stop string is at the token
+    that completed it. Decoded as the rewards decode (special tokens skipped).
+    """
+    texts = tokenizer.batch_decode(windows, skip_special_tokens=True)
+    return [any(s in text for s in stop_strings) for text in texts]
+
+
+def trim_at_stop_strings(
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    truncated: Tensor,
+    tokenizer,
+    stop_strings: list[str],
+    pad_token_id: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """End each completion at the token that completes its first stop string.
+
+    Takes and returns (ids (N, T), mask (N, T), truncated (N,)) as ``trim_at_eos`` makes them.
+    A row ended by a stop string is not truncated; everything after that token is masked and
+    padded.
+    """
+    N, T = completion_ids.shape
+    end = torch.full((N,), -1, dtype=torch.long)
+    window = stop_window(stop_strings)
+    rows = completion_ids.tolist()
+    for t in range(T):
+        live = [i for i in range(N) if end[i] < 0 and completion_mask[i, t]]
+        if not live:
+            continue
+        windows = [rows[i][max(0, t + 1 - window) : t + 1] for i in live]
+        for i, hit in zip(live, completes_stop_string(tokenizer, windows, stop_strings)):
+            if hit:
+                end[i] = t
+    stopped = (end >= 0).to(completion_ids.device)
+    end = end.to(completion_ids.device)
+    positions = torch.arange(T, device=completion_ids.device).unsqueeze(0)
+    keep = ~stopped.unsqueeze(1) | (positions <= end.unsqueeze(1))
+    mask = completion_mask * keep.long()
+    ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, pad_token_id))
+    return ids, mask, truncated & ~stopped
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -5,40 +5,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from grpo_lab.sampling.base import Completions, trim_at_eos
+from grpo_lab.sampling.base import (
+    Completions,
+    SamplingSettings,
+    trim_at_eos,
+    trim_at_stop_strings,
+)
 
 
-class GenerateSampler:
+class GenerateSampler(SamplingSettings):
     """Ancestral sampling through ``model.generate`` with its KV cache.
 
     temperature, top_k (0 = off), top_p (1.0 = off), min_p (0 = off), max_new_tokens,
-    stop_strings (end a completion at any of these strings; needs the tokenizer).
+    stop_strings (end a completion at the token that completes the first of these strings;
+    such a completion is not truncated; needs the tokenizer, which the module sets).
     """
-
-    def __init__(
-        self,
-        max_new_tokens: int = 8,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        stop_strings: list[str] | None = None,
-    ) -> None:
-        if max_new_tokens < 1:
-            raise ValueError(f"sampler.max_new_tokens={max_new_tokens}; must be >= 1")
-        if temperature <= 0:
-            raise ValueError(
-                f"sampler.temperature={temperature}; must be > 0 (greedy eval is separate)"
-            )
-        if not 0 < top_p <= 1:
-            raise ValueError(f"sampler.top_p={top_p}; must be in (0, 1]")
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_k = top_k
-        self.top_p = top_p
-        self.min_p = min_p
-        self.stop_strings = list(stop_strings) if stop_strings else None
-        self.tokenizer = None  # set by the module when stop strings need it
 
     @torch.no_grad()
     def sample(
@@ -83,6 +64,11 @@ class GenerateSampler:
         if greedy:
             raw = raw.repeat_interleave(num_samples, dim=0)
         ids, mask, truncated = trim_at_eos(raw, eos, pad)
+        if self.stop_strings:
+            # generate pads a row that hit a stop string; cut it at the stop string instead.
+            ids, mask, truncated = trim_at_stop_strings(
+                ids, mask, truncated, self.tokenizer, self.stop_strings, pad
+            )
         return Completions(
             prompt_ids=prompt_ids.repeat_interleave(num_samples, dim=0),
             prompt_mask=prompt_mask.repeat_interleave(num_samples, dim=0),

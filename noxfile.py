@@ -1,0 +1,38 @@
+"""nox sessions: tests, lint, train, benchmark. Each installs the CPU torch wheel first."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = "torch==2.13.0"  # the CPU build; a plain `torch` pulls the multi-GB CUDA build
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def train(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install("-e", ".")
+    session.run("grpo-lab", "train", *session.posargs)
+
+
+@nox.session(python="3.11")
+def benchmark(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install("-e", ".")
+    session.run("python", "benchmarks/learning.py", *session.posargs)

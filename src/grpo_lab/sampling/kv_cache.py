@@ -1,0 +1,163 @@
+"""The project's own batched sampler: one prompt forward, a shared KV cache, a decode loop."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from grpo_lab.sampling.base import (
+    Completions,
+    SamplingSettings,
+    completes_stop_string,
+    position_ids_from_mask,
+    stop_window,
+)
+
+# transformers 5 renamed the cache argument and output field from ``past_key_values`` to ``cache``.
+_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """Set to -inf every logit the sampling filters drop. logits: (N, V) -> (N, V).
+
+    Applied in transformers' order, each on what the one before kept, and each keeps at
+    least the most likely token:
+      top_k: keep the k largest logits (0 = off; ties with the k-th are kept);
+      top_p: keep the smallest set of most likely tokens whose probability sums to >= top_p,
+             i.e. token i stays when the mass of the tokens more likely than it is < top_p;
+      min_p: keep tokens with p >= min_p * max p (0 = off).
+    """
+    out = logits
+    if top_k and top_k < out.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # (N, V) mass of the more likely tokens
+        drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(
+            -1, order, mass_before >= top_p
+        )
+        out = out.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = out.softmax(dim=-1)
+        out = out.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return out
+
+
+class KVCacheSampler(SamplingSettings):
+    """Ancestral sampling with the prompt encoded once and its KV cache shared by G samples.
+
+    The B left-padded prompts go through one forward; the cache is then repeated to B*G rows
+    (``DynamicCache.batch_repeat_interleave``) and every step decodes one token per row.
+    temperature, top_k (0 = off), top_p (1 = off), min_p (0 = off) as in ``filter_logits``;
+    a row ends at EOS or at the token that completes any of ``stop_strings`` (not truncated
+    then; needs the tokenizer, which the module sets); the loop ends when every row has.
+    """
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: nn.Module,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        num_samples: int,
+        *,
+        greedy: bool = False,
+    ) -> Completions:
+        if self.stop_strings and self.tokenizer is None:
+            raise ValueError("sampler.stop_strings needs the tokenizer: set sampler.tokenizer")
+        eos_ids, pad = _special_ids(model)
+        eos_ids = eos_ids.to(prompt_ids.device)
+        # Greedy completions of a prompt are all the same: decode one row, repeat it at the end.
+        G = 1 if greedy else num_samples
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids_from_mask(prompt_mask),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = getattr(out, _CACHE)
+        if G > 1:
+            cache.batch_repeat_interleave(G)  # the B prompts were encoded once, not G times
+        logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
+        mask = prompt_mask.repeat_interleave(G, dim=0)  # (N, P + t)
+        position = mask.sum(dim=1, keepdim=True)  # (N, 1) position of the next token
+        N = mask.shape[0]
+        finished = torch.zeros(N, dtype=torch.bool, device=mask.device)  # (N,)
+        end = torch.full((N,), -1, dtype=torch.long, device=mask.device)  # (N,) last token
+        tokens: list[Tensor] = []  # T x (N,)
+        logps: list[Tensor] = []  # T x (N,)
+        for t in range(self.max_new_tokens):
+            token, logp = self._next_token(logits, greedy)
+            token = token.masked_fill(finished, pad)
+            tokens.append(token)
+            logps.append(logp)
+            done = torch.isin(token, eos_ids) & ~finished
+            if self.stop_strings:
+                done |= self._completes_stop(tokens, ~finished & ~done)
+            end[done] = t
+            finished |= done
+            if finished.all() or t == self.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)
+            out = model(
+                input_ids=token.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=position,
+                use_cache=True,
+                **{_CACHE: cache},
+            )
+            cache = getattr(out, _CACHE)
+            logits = out.logits[:, -1].float()
+            position = position + 1
+        ids = torch.stack(tokens, dim=1)  # (N, T)
+        T = ids.shape[1]
+        truncated = end < 0
+        last = torch.where(truncated, torch.full_like(end, T - 1), end)
+        completion_mask = (torch.arange(T, device=ids.device) <= last.unsqueeze(1)).long()
+        ids = ids.masked_fill(completion_mask == 0, pad)
+        sampling_logp = None if greedy else torch.stack(logps, dim=1) * completion_mask
+        repeat = num_samples if greedy else 1
+        return Completions(
+            prompt_ids=prompt_ids.repeat_interleave(num_samples, dim=0),
+            prompt_mask=prompt_mask.repeat_interleave(num_samples, dim=0),
+            completion_ids=ids.repeat_interleave(repeat, dim=0),
+            completion_mask=completion_mask.repeat_interleave(repeat, dim=0),
+            truncated=truncated.repeat_interleave(repeat, dim=0),
+            sampling_logp=sampling_logp,
+        )
+
+    def _next_token(self, logits: Tensor, greedy: bool) -> tuple[Tensor, Tensor]:
+        """One token per row, and its log-prob under the distribution it was drawn from."""
+        if greedy:
+            token = logits.argmax(dim=-1)
+            return token, torch.zeros_like(token, dtype=logits.dtype)
+        filtered = filter_logits(logits / self.temperature, self.top_k, self.top_p, self.min_p)
+        logp = filtered.log_softmax(dim=-1)  # (N, V)
+        token = torch.multinomial(logp.exp(), 1).squeeze(1)
+        return token, logp.gather(1, token.unsqueeze(1)).squeeze(1)
+
+    def _completes_stop(self, tokens: list[Tensor], live: Tensor) -> Tensor:
+        """(N,) True where the last token of a live row completed a stop string."""
+        hit = torch.zeros_like(live)
+        rows = live.nonzero().squeeze(1)
+        if not len(rows):
+            return hit
+        window = torch.stack(tokens[-stop_window(self.stop_strings) :], dim=1)[rows]
+        found = completes_stop_string(self.tokenizer, window.tolist(), self.stop_strings)
+        hit[rows] = torch.tensor(found, device=live.device)
+        return hit
+
+
+def _special_ids(model: nn.Module) -> tuple[Tensor, int]:
+    """(EOS ids (E,), pad id) from the model's generation config; pad falls back to EOS."""
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+    pad = config.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return torch.tensor(eos, dtype=torch.long), int(pad)

@@ -1,0 +1,465 @@
+"""Each kl / advantage / loss / train option changes the GRPO step exactly as its formula says.
+
+The options go in as config overrides, through ``train.algo_config`` into a real ``GRPOModule``
+(a tiny Llama, the arithmetic task, the generate sampler). Rewards come from a scripted reward
+function and, for the loss, from hand-made completions whose lengths and log-ratios are chosen,
+so that every expected value is worked out by hand in the test. The slow tests run the real
+CLI once per combination of independent options and read the options back from MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+from conftest import FAST
+from grpo_lab.data import TaskDataModule
+from grpo_lab.module import GRPOModule, OptimConfig, Rollout
+from grpo_lab.paths import config_dir
+from grpo_lab.policy import tiny_llama
+from grpo_lab.rewards.combine import RewardSet
+from grpo_lab.sampling import GenerateSampler
+from grpo_lab.sampling.base import Completions, completion_logprobs
+from grpo_lab.tasks import ArithmeticTask
+from grpo_lab.train import algo_config
+
+# The reference model is held in eval mode on purpose (it is never trained).
+pytestmark = pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")
+
+G = 4
+MAX_NEW = 5  # sampler.max_new_tokens: L_max of seq_mean_token_sum_norm
+
+
+class Scripted:
+    """A reward function that returns the next scripted list of scores on each call."""
+
+    def __init__(self, *calls: list[float]) -> None:
+        self.calls = list(calls)
+        self.n = 0
+
+    def __call__(self, completions, examples, **ctx) -> list[float]:
+        scores = self.calls[min(self.n, len(self.calls) - 1)]
+        self.n += 1
+        assert len(scores) == len(completions), (len(scores), len(completions))
+        return list(scores)
+
+
+def algo(*overrides: str):
+    """AlgoConfig from the real config tree with these overrides (G=4, as below)."""
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"G={G}", "train.max_grad_norm=null", *overrides])
+    return algo_config(cfg)
+
+
+def make_module(
+    *overrides: str, rewards: Scripted | None = None, reference=None, lr: float = 0.0
+) -> GRPOModule:
+    policy = tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1, seed=0)
+    return GRPOModule(
+        policy=policy,
+        task=ArithmeticTask(max_operand=9, eval_size=20, seed=0),
+        rewards=RewardSet({"scripted": rewards or Scripted([0.0] * 8)}),
+        sampler=GenerateSampler(max_new_tokens=MAX_NEW),
+        algo=algo(*overrides),
+        optim=OptimConfig(lr=lr, total_steps=100),
+        reference=reference,
+    )
+
+
+def other_model():
+    """A second tiny Llama (another seed) to serve as pi_ref."""
+    return tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1, seed=1).model.eval()
+
+
+def fit(module: GRPOModule, rollouts: int, prompts: int = 2) -> L.Trainer:
+    """Real Lightning fit for ``rollouts`` GRPO steps; leaves the trainer attached."""
+    n = prompts * G
+    mini = module.algo.minibatch_size or n
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=rollouts * module.algo.mu * (n // mini),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=TaskDataModule(module.task, prompts, 4, 4, seed=0))
+    return trainer
+
+
+# --------------------------------------------------------------------------- advantages
+
+EXAMPLES = ArithmeticTask(max_operand=9, eval_size=20, seed=0).train()[:2]
+REWARDS = [1.0, 0.0, 0.0, 1.0, 4.0, 0.0, 0.0, 0.0]  # two groups of G=4
+S3 = math.sqrt(3.0)
+BATCH_STD = math.sqrt(13.5 / 8)  # population std of REWARDS around their mean 0.75
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # group: (r - mean_g) / std_g; g1 mean .5 std .5, g2 mean 1 std sqrt(3)
+        (["advantage=group"], [1, -1, -1, 1, 3 / S3, -1 / S3, -1 / S3, -1 / S3]),
+        # Bessel: g1 std sqrt(1/3) -> +-0.5*sqrt(3); g2 std 2 -> 1.5, -0.5
+        (
+            ["advantage=group", "advantage.unbiased_std=true"],
+            [S3 / 2, -S3 / 2, -S3 / 2, S3 / 2, 1.5, -0.5, -0.5, -0.5],
+        ),
+        # group_mean (Dr. GRPO): r - mean_g
+        (["advantage=group_mean"], [0.5, -0.5, -0.5, 0.5, 3, -1, -1, -1]),
+        # batch_std: (r - mean_g) / std(batch)
+        (
+            ["advantage=batch_std"],
+            [v / BATCH_STD for v in (0.5, -0.5, -0.5, 0.5, 3, -1, -1, -1)],
+        ),
+        # rloo: r_i - mean of the other three
+        (["advantage=rloo"], [2 / 3, -2 / 3, -2 / 3, 2 / 3, 4, -4 / 3, -4 / 3, -4 / 3]),
+    ],
+)
+def test_advantage_option_gives_its_formula_on_a_rollout(overrides, expected):
+    module = make_module("kl=none", *overrides, rewards=Scripted(REWARDS))
+    rollout = module.make_rollout(EXAMPLES)
+    assert rollout.rewards.tolist() == REWARDS
+    torch.testing.assert_close(rollout.advantages, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_kl_reward_mode_subtracts_beta_times_summed_kl_before_the_advantages():
+    # k2 per token, summed over each completion's real tokens, times beta, off the reward.
+    ref = other_model()
+    module = make_module(
+        "kl=k2",
+        "kl.mode=reward",
+        "beta=0.5",
+        "advantage=group_mean",
+        rewards=Scripted(REWARDS),
+        reference=ref,
+    )
+    rollout = module.make_rollout(EXAMPLES)
+    c = rollout.completions
+    with torch.no_grad():
+        logp, _ = completion_logprobs(module.policy, c)
+        ref_logp, _ = completion_logprobs(ref, c)
+    k2 = 0.5 * (logp.double() - ref_logp.double()) ** 2
+    penalised = torch.tensor(REWARDS, dtype=torch.float64) - 0.5 * (k2 * c.completion_mask).sum(1)
+    grouped = penalised.view(2, G)
+    expected = (grouped - grouped.mean(1, keepdim=True)).view(-1)
+    assert (k2 * c.completion_mask).sum() > 1e-3  # the two models differ: the test can fail
+    torch.testing.assert_close(rollout.advantages.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rollout.ref_logp, ref_logp)
+
+
+def test_kl_none_builds_no_reference_and_ignores_beta():
+    module = make_module("kl=none", "beta=0.3")
+    assert module.reference is None
+    assert module.algo.beta == 0.0
+    assert make_module("kl=k1", "beta=0.3").reference is not None
+
+
+# --------------------------------------------------------------------------- the loss path
+
+LENGTHS = [1, 2, 3, MAX_NEW]  # the last one hits max_new_tokens with no EOS: truncated
+ADV = [2.0, -1.0, 0.5, 1.0]
+
+
+def hand_rollout(module: GRPOModule) -> Rollout:
+    """One group of G=4 completions of "3+4=" with LENGTHS tokens and advantages ADV."""
+    tok = module.tokenizer
+    prompt = tok(["3+4="] * G, return_tensors="pt", add_special_tokens=False)
+    digit = tok.convert_tokens_to_ids("7")
+    ids = torch.full((G, MAX_NEW), tok.pad_token_id)
+    mask = torch.zeros((G, MAX_NEW), dtype=torch.long)
+    for i, n in enumerate(LENGTHS):
+        ids[i, :n] = digit
+        mask[i, :n] = 1
+        if n < MAX_NEW:
+            ids[i, n - 1] = tok.eos_token_id
+    truncated = torch.tensor([n == MAX_NEW for n in LENGTHS])
+    completions = Completions(
+        prompt_ids=prompt["input_ids"],
+        prompt_mask=prompt["attention_mask"],
+        completion_ids=ids,
+        completion_mask=mask,
+        truncated=truncated,
+    )
+    rewards = torch.tensor(ADV)
+    return Rollout(
+        completions=completions,
+        examples=[EXAMPLES[0]] * G,
+        texts=tok.batch_decode(ids, skip_special_tokens=True),
+        rewards=rewards,
+        per_fn={"scripted": rewards},
+        advantages=torch.tensor(ADV),
+    )
+
+
+_FITTED: list[GRPOModule] = []
+
+
+def loss_of(*overrides: str, shift=None, ref_shift=None) -> dict[str, float]:
+    """The module's logged loss stats for hand_rollout under these options.
+
+    shift (G, T): log pi_theta - log pi_old per token; ref_shift: log pi_theta - log pi_ref.
+    One module is fitted for one rollout (a real trainer and optimizer attached; lr 0, so the
+    policy never moves) and reused: each call gives it the AlgoConfig of ``overrides``.
+    """
+    if not _FITTED:
+        _FITTED.append(make_module())
+        fit(_FITTED[0], rollouts=1)
+    module = _FITTED[0]
+    module.algo = algo(*overrides)
+    rollout = hand_rollout(module)
+    with torch.no_grad():
+        logp, entropy = completion_logprobs(module.policy, rollout.completions, with_entropy=True)
+    if shift is not None:
+        rollout.old_logp = logp - shift
+    if ref_shift is not None:
+        rollout.ref_logp = logp - ref_shift
+    stats = module.inner_updates(rollout)
+    stats["_entropy_seq_mean"] = float(
+        ((entropy * rollout.completions.completion_mask).sum(1) / torch.tensor(LENGTHS)).mean()
+    )
+    return stats
+
+
+def test_aggregation_options_weigh_completions_as_their_formulas_say():
+    # With ratio 1 and no KL the per-token loss is -A_i. Hand values over LENGTHS=1,2,3,5:
+    seq = loss_of("kl=none", "loss=seq_mean_token_mean")["loss"]
+    tok = loss_of("kl=none", "loss=token_mean")["loss"]
+    dr = loss_of("kl=none", "loss=seq_mean_token_sum_norm")["loss"]
+    assert seq == pytest.approx(-(2 - 1 + 0.5 + 1) / 4, abs=1e-6)  # -mean_i A_i
+    assert tok == pytest.approx(-(2 * 1 - 1 * 2 + 0.5 * 3 + 1 * 5) / 11, abs=1e-6)
+    assert dr == pytest.approx(-(2 * 1 - 1 * 2 + 0.5 * 3 + 1 * 5) / (4 * MAX_NEW), abs=1e-6)
+
+
+def test_mask_truncated_drops_the_truncated_completion_from_the_loss():
+    seq = loss_of("kl=none", "loss.mask_truncated=true")["loss"]
+    tok = loss_of("kl=none", "loss=token_mean", "loss.mask_truncated=true")["loss"]
+    # the truncated row (A=1, 5 tokens) counts 0; seq-mean still divides by the N=4 rows
+    assert seq == pytest.approx(-(2 - 1 + 0.5) / 4, abs=1e-6)
+    assert tok == pytest.approx(-(2 * 1 - 1 * 2 + 0.5 * 3) / 6, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kl", "c", "per_token_kl"),
+    [
+        ("k1", 0.3, 0.3),  # log pi - log pi_ref
+        ("k2", 0.3, 0.5 * 0.3**2),
+        ("k3", 0.3, math.exp(-0.3) + 0.3 - 1),  # r - log r - 1 with r = pi_ref/pi = e^-c
+    ],
+)
+def test_kl_loss_mode_adds_beta_times_the_estimator(kl, c, per_token_kl):
+    stats = loss_of(f"kl={kl}", "beta=0.5", ref_shift=torch.full((G, MAX_NEW), c))
+    assert stats["kl"] == pytest.approx(per_token_kl, abs=1e-6)
+    assert stats["loss"] == pytest.approx(-(2 - 1 + 0.5 + 1) / 4 + 0.5 * per_token_kl, abs=1e-6)
+
+
+def test_kl_reward_mode_keeps_the_kl_out_of_the_loss_but_logs_it():
+    stats = loss_of("kl=k1", "kl.mode=reward", "beta=0.5", ref_shift=torch.full((G, MAX_NEW), 0.3))
+    assert stats["loss"] == pytest.approx(-(2 - 1 + 0.5 + 1) / 4, abs=1e-6)
+    assert stats["kl"] == pytest.approx(0.3, abs=1e-6)
+
+
+def test_entropy_coef_subtracts_coef_times_the_entropy():
+    base = loss_of("kl=none")
+    bonus = loss_of("kl=none", "loss.entropy_coef=0.1")
+    assert base["_entropy_seq_mean"] > 0.5  # a random policy: the bonus is large enough to see
+    assert bonus["loss"] == pytest.approx(base["loss"] - 0.1 * base["_entropy_seq_mean"], abs=1e-5)
+
+
+def row_shift(log_rho: list[float], wiggle: bool) -> torch.Tensor:
+    """(G, T) log-ratios whose mean over each row's real tokens is log_rho[i].
+
+    wiggle: add a zero-mean (per row) pattern, so token ratios differ from the sequence ratio.
+    """
+    shift = torch.tensor(log_rho).unsqueeze(1).repeat(1, MAX_NEW)
+    if wiggle:
+        for i, n in enumerate(LENGTHS):
+            w = torch.linspace(-0.5, 0.5, n) if n > 1 else torch.zeros(1)
+            shift[i, :n] += w - w.mean()
+    return shift
+
+
+# Ratios: row 0 (A=2) rho 1.5 -> clipped at 1+eps_high=1.28 -> 2.56; row 1 (A=-1) rho 5 ->
+# min(-5, -1.28) = -5, dual clip c=3 -> max(-5, -3) = -3; row 2 (A=.5) rho .5 -> min(.25, .4)
+# = .25; row 3 (A=1) rho 1 -> 1.
+CLIP_OPTS = ("kl=none", "loss.epsilon_low=0.2", "loss.epsilon_high=0.28", "loss.dual_clip=3")
+LOG_RHO = [math.log(1.5), math.log(5.0), math.log(0.5), 0.0]
+
+
+def test_clip_higher_and_dual_clip_give_the_hand_surrogate():
+    stats = loss_of(*CLIP_OPTS, shift=row_shift(LOG_RHO, wiggle=False))
+    assert stats["loss"] == pytest.approx(-(2.56 - 3 + 0.25 + 1) / 4, abs=1e-5)
+    no_dual = loss_of(*CLIP_OPTS[:-1], shift=row_shift(LOG_RHO, wiggle=False))
+    assert no_dual["loss"] == pytest.approx(-(2.56 - 5 + 0.25 + 1) / 4, abs=1e-5)
+    # rows 0 and 1 are past the clip range with gradient removed: high (A>0) 1 token of 11,
+    # low (A<0 and rho < 0.8): none; row 2 has A>0 and rho .5: not counted either
+    assert stats["clip_ratio/high_mean"] == pytest.approx(1 / 11, abs=1e-6)
+    assert stats["clip_ratio/low_mean"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sequence_ratio_level_uses_the_length_normalised_sequence_ratio():
+    # Same per-row mean log-ratio, tokens spread around it: GSPO sees only the row mean.
+    gspo = loss_of(*CLIP_OPTS, "loss.ratio_level=sequence", shift=row_shift(LOG_RHO, True))
+    assert gspo["loss"] == pytest.approx(-(2.56 - 3 + 0.25 + 1) / 4, abs=1e-5)
+    shift = row_shift(LOG_RHO, True)
+    token = loss_of(*CLIP_OPTS, "loss.ratio_level=token", shift=shift)
+    # token level: each token clips its own ratio; reference in plain float64 Python
+    expected = 0.0
+    for i, (n, a) in enumerate(zip(LENGTHS, ADV)):
+        row = 0.0
+        for t in range(n):
+            rho = math.exp(float(shift[i, t]))
+            s = min(rho * a, min(max(rho, 0.8), 1.28) * a)
+            row += max(s, 3 * a) if a < 0 else s
+        expected += -row / n
+    assert token["loss"] == pytest.approx(expected / 4, abs=1e-5)
+    assert abs(token["loss"] - gspo["loss"]) > 1e-3
+
+
+# --------------------------------------------------------------------------- training options
+
+
+def test_mu_reuses_the_rollout_old_logprobs_for_every_minibatch_update():
+    module = make_module(
+        "kl=none", "mu=2", "train.minibatch_size=4", lr=1e-2, rewards=Scripted(REWARDS)
+    )
+    fit(module, rollouts=1)
+    opt = module.optimizers().optimizer
+    steps_before = opt.state[next(module.policy.parameters())]["step"].item()
+    rollout = module.make_rollout(EXAMPLES)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(module.policy, rollout.completions)
+    torch.testing.assert_close(rollout.old_logp, logp)  # pi_old = the sampling policy
+    stats = module.inner_updates(rollout)
+    # mu 2 passes x 2 mini-batches of 4 of the 8 completions = 4 optimizer steps
+    assert opt.state[next(module.policy.parameters())]["step"].item() - steps_before == 4
+    # the first update sees ratio 1, the later ones the moved policy over the same pi_old
+    assert abs(stats["ratio_mean"] - 1.0) > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("every", "mix", "rollouts", "ref_weight"),
+    [
+        (1, 0.5, 2, 0.25),  # two TR-DPO mixes: ref <- .5 ref + .5 pi, twice
+        (1, 1.0, 1, 0.0),  # hard copy
+        (2, 1.0, 1, 1.0),  # not yet due: unchanged
+    ],
+)
+def test_ref_sync_mixes_the_reference_towards_the_policy(every, mix, rollouts, ref_weight):
+    ref = other_model()
+    ref0 = [p.detach().clone() for p in ref.parameters()]
+    module = make_module(
+        "kl=k3",
+        f"train.ref_sync_every={every}",
+        f"train.ref_sync_mix={mix}",
+        rewards=Scripted(REWARDS),
+        reference=ref,
+    )
+    fit(module, rollouts=rollouts)  # lr 0: the policy stays where it started
+    for p_ref, p0, p in zip(ref.parameters(), ref0, module.policy.parameters()):
+        torch.testing.assert_close(p_ref, ref_weight * p0 + (1 - ref_weight) * p.detach())
+    assert not torch.equal(ref0[0], next(module.policy.parameters()))
+
+
+def test_dynamic_sampling_replaces_zero_variance_groups_and_logs_the_drop_rate():
+    first, fresh = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]
+    module = make_module("kl=none", "train.dynamic_sampling=true", rewards=Scripted(first, fresh))
+    rollout = module.make_rollout(EXAMPLES)
+    assert rollout.stats["dynamic_sampling/drop_rate"] == 0.5  # 1 of 2 groups had no signal
+    assert rollout.stats["dynamic_sampling/tries"] == 2.0
+    assert rollout.rewards.tolist() == first[:4] + fresh
+    torch.testing.assert_close(
+        rollout.advantages, torch.tensor([1.0, -1, -1, 1, -1, 1, 1, -1]), atol=1e-5, rtol=0
+    )
+    assert rollout.examples[:4] == [EXAMPLES[0]] * 4 and rollout.examples[4] != EXAMPLES[1]
+
+    once = make_module(
+        "kl=none",
+        "train.dynamic_sampling=true",
+        "train.dynamic_sampling_max_tries=1",
+        rewards=Scripted(first, fresh),
+    )
+    kept = once.make_rollout(EXAMPLES)
+    assert kept.stats["dynamic_sampling/drop_rate"] == 0.5
+    assert kept.advantages[4:].tolist() == [0.0] * 4  # the dead group stays, with A = 0
+
+    off = make_module("kl=none", rewards=Scripted(first, fresh)).make_rollout(EXAMPLES)
+    assert "dynamic_sampling/drop_rate" not in off.stats
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def fast(*without: str) -> list[str]:
+    return [o for o in FAST if o.split("=", 1)[0] not in without]
+
+
+def run_of(tracking_uri: str):
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name("grpo_lab")
+    (run,) = client.search_runs([exp.experiment_id])
+    return client, run
+
+
+@pytest.mark.slow
+def test_cli_k1_rloo_token_mean_run_logs_its_options(run_cli, tracking_uri):
+    run_cli(
+        "train",
+        *fast("train.rollouts"),
+        "train.rollouts=1",
+        "kl=k1",
+        "advantage=rloo",
+        "loss=token_mean",
+    )
+    _, run = run_of(tracking_uri)
+    p, m = run.data.params, run.data.metrics
+    assert (p["kl.estimator"], p["kl.mode"]) == ("k1", "loss")
+    assert p["advantage.scale"] == "rloo"
+    assert p["loss.aggregation"] == "token_mean"
+    assert {"loss", "kl", "surrogate", "clip_ratio/region_mean"} <= set(m)
+    assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # pi_theta == pi_ref on the first rollout
+
+
+@pytest.mark.slow
+def test_cli_k2_reward_mode_batch_std_sum_norm_mu2_ref_sync_dynamic_sampling(
+    run_cli, tracking_uri, tmp_path
+):
+    run_cli(
+        "train",
+        *fast("train.rollouts"),
+        "train.rollouts=2",
+        "kl=k2",
+        "kl.mode=reward",
+        "advantage=batch_std",
+        "loss=seq_mean_token_sum_norm",
+        "mu=2",
+        "train.minibatch_size=8",
+        "train.ref_sync_every=1",
+        "train.ref_sync_mix=0.5",
+        "train.dynamic_sampling=true",
+        "train.dynamic_sampling_max_tries=2",
+    )
+    client, run = run_of(tracking_uri)
+    p, m = run.data.params, run.data.metrics
+    assert (p["kl.estimator"], p["kl.mode"]) == ("k2", "reward")
+    assert p["advantage.scale"] == "batch_std"
+    assert p["loss.aggregation"] == "seq_mean_token_sum_norm"
+    assert (p["mu"], p["train.minibatch_size"]) == ("2", "8")
+    assert (p["train.ref_sync_every"], p["train.ref_sync_mix"]) == ("1", "0.5")
+    assert p["train.dynamic_sampling"] == "True"
+    assert 0.0 <= m["dynamic_sampling/drop_rate"] <= 1.0
+    assert m["dynamic_sampling/tries"] in (1.0, 2.0)
+    assert m["kl"] >= 0  # k2 >= 0; logged although it is in the reward, not the loss
+    # metrics are logged once per rollout ...
+    assert len(client.get_metric_history(run.info.run_id, "lr")) == 2
+    # ... and the trainer counted 2 rollouts x mu 2 x 2 mini-batches of 8 of the 16
+    # completions = 8 optimizer steps (the checkpoint names carry trainer.global_step)
+    ckpts = sorted(p.name for p in tmp_path.rglob("rollout-*.ckpt"))
+    assert "rollout-step=8.ckpt" in ckpts, ckpts

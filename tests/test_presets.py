@@ -1,0 +1,158 @@
+"""Experiment presets: each composes to its paper's settings and trains through the CLI."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+from conftest import FAST
+from grpo_lab.config import validate
+from grpo_lab.paths import config_dir
+from grpo_lab.train import algo_config
+
+PRESETS = ["dapo", "dr_grpo", "grpo_paper", "gspo"]
+PAPERS = {  # arXiv id each preset must cite
+    "grpo_paper": "2402.03300",
+    "dapo": "2503.14476",
+    "dr_grpo": "2503.20783",
+    "gspo": "2507.18071",
+}
+# AlgoConfig fields each preset must set (everything else: the project's defaults)
+EXPECTED = {
+    "grpo_paper": dict(
+        kl_estimator="k3",
+        kl_mode="loss",
+        beta=0.04,
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        mu=1,
+        aggregation="seq_mean_token_mean",
+        advantage_scale="group_std",
+        ratio_level="token",
+        dynamic_sampling=False,
+    ),
+    "dapo": dict(
+        beta=0.0,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        aggregation="token_mean",
+        advantage_scale="group_std",
+        dynamic_sampling=True,
+        ratio_level="token",
+    ),
+    "dr_grpo": dict(
+        beta=0.0,
+        advantage_scale="none",
+        aggregation="seq_mean_token_sum_norm",
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+    ),
+    "gspo": dict(
+        beta=0.0,
+        ratio_level="sequence",
+        epsilon_low=3e-4,
+        epsilon_high=4e-4,
+        advantage_scale="group_std",
+        minibatch_size=32,
+    ),
+}
+
+
+def cfg_of(*overrides: str):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_every_preset_is_listed():
+    assert sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml")) == PRESETS
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_opens_with_its_paper_and_its_departures(name):
+    text = (config_dir() / "experiment" / f"{name}.yaml").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "# @package _global_"
+    header = "\n".join(line for line in lines if line.startswith("#"))
+    assert PAPERS[name] in header
+    assert "Where this departs from the paper:" in header
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_to_its_paper_settings(name):
+    cfg = cfg_of(f"experiment={name}")
+    validate(cfg)
+    got = algo_config(cfg)
+    for field, value in EXPECTED[name].items():
+        assert getattr(got, field) == pytest.approx(value), field
+
+
+def test_dapo_combines_the_accuracy_format_and_overlong_rewards():
+    reward = cfg_of("experiment=dapo").reward
+    assert sorted(reward.functions) == ["accuracy", "format", "overlong"]
+    assert dict(reward.weights) == {"accuracy": 1.0, "format": 0.1, "overlong": 1.0}
+    assert reward.functions.overlong._target_ == "grpo_lab.rewards.overlong_penalty"
+
+
+def test_preset_values_give_way_to_the_command_line():
+    cfg = cfg_of("experiment=dapo", "loss.epsilon_high=0.3", "beta=0.01", "kl=k3")
+    got = algo_config(cfg)
+    assert (got.epsilon_high, got.beta, got.kl_estimator) == (0.3, 0.01, "k3")
+    assert got.aggregation == "token_mean"  # the rest of the preset stays
+
+
+def test_default_experiment_is_unchanged_by_the_presets_machinery():
+    got = algo_config(cfg_of())
+    assert (got.beta, got.kl_estimator, got.aggregation, got.advantage_scale) == (
+        0.04,
+        "k3",
+        "seq_mean_token_mean",
+        "group_std",
+    )
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+ONE_ROLLOUT = [o for o in FAST if not o.startswith("train.rollouts=")] + ["train.rollouts=1"]
+CLI_EXTRA = {"gspo": ["train.minibatch_size=4"]}  # FAST has B*G = 16 completions, not 128
+CLI_PARAMS = {
+    "grpo_paper": {"kl.estimator": "k3", "beta": "0.04", "loss.aggregation": "seq_mean_token_mean"},
+    "dapo": {
+        "kl.estimator": "none",
+        "beta": "0.0",
+        "loss.epsilon_high": "0.28",
+        "loss.aggregation": "token_mean",
+        "train.dynamic_sampling": "True",
+        "reward.weights.overlong": "1.0",
+    },
+    "dr_grpo": {
+        "advantage.scale": "none",
+        "loss.aggregation": "seq_mean_token_sum_norm",
+        "beta": "0.0",
+    },
+    "gspo": {"loss.ratio_level": "sequence", "loss.epsilon_low": "0.0003", "beta": "0.0"},
+}
+CLI_METRICS = {
+    "grpo_paper": ["kl", "loss"],
+    "dapo": ["dynamic_sampling/drop_rate", "rewards/overlong/mean", "clip_ratio/high_mean"],
+    "dr_grpo": ["loss", "surrogate"],
+    "gspo": ["ratio_mean", "clip_ratio/region_mean"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_trains_one_rollout_through_the_cli(name, run_cli, tracking_uri):
+    proc = run_cli("train", f"experiment={name}", *ONE_ROLLOUT, *CLI_EXTRA.get(name, []))
+    assert "eval/accuracy =" in proc.stdout
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name("grpo_lab")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    for key, value in CLI_PARAMS[name].items():
+        assert params[key] == value, key
+    for metric in CLI_METRICS[name]:
+        assert metric in run.data.metrics, metric
+    if name != "grpo_paper":  # kl=none: no reference model, so the logged KL is exactly 0
+        assert run.data.metrics.get("kl", 0.0) == 0.0
