@@ -26,16 +26,33 @@ def run_once(seed: int, overrides: list[str], workdir: Path) -> dict[str, float]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "GRPO_LAB_CACHE": str(workdir / "cache")}
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "grpo_lab.cli", "train", f"seed={seed}", "trainer.enable_progress_bar=false", *overrides],
-        cwd=workdir, env=env, check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "grpo_lab.cli",
+            "train",
+            f"seed={seed}",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ],
+        cwd=workdir,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     wall = time.perf_counter() - t0
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("grpo_lab")
     run = client.search_runs([exp.experiment_id])[0]
     m = run.data.metrics
-    return {"seed": seed, "start": m["eval/accuracy_start"], "final": m["eval/accuracy_final"],
-            "rollouts": m["rollout"], "wall_s": wall}
+    return {
+        "seed": seed,
+        "start": m["eval/accuracy_start"],
+        "final": m["eval/accuracy_final"],
+        "rollouts": m["rollout"],
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
@@ -49,10 +66,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(run_once(seed, args.overrides, Path(tmp)))
         r = rows[-1]
-        print(f"seed {seed}: {r['start']:.3f} -> {r['final']:.3f} in {r['wall_s']:.0f} s", flush=True)
+        print(
+            f"seed {seed}: {r['start']:.3f} -> {r['final']:.3f} in {r['wall_s']:.0f} s", flush=True
+        )
     gains = [r["final"] - r["start"] for r in rows]
-    cmd = "python benchmarks/learning.py --seeds " + " ".join(map(str, args.seeds)) + (
-        " " + " ".join(args.overrides) if args.overrides else "")
+    cmd = (
+        "python benchmarks/learning.py --seeds "
+        + " ".join(map(str, args.seeds))
+        + (" " + " ".join(args.overrides) if args.overrides else "")
+    )
     lines = [
         "# Benchmark: the default experiment learns",
         "",
@@ -64,10 +86,16 @@ def main() -> None:
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['start']:.3f} | {r['final']:.3f} | {100 * (r['final'] - r['start']):+.1f} "
-                     f"| {r['rollouts']:.0f} | {r['wall_s']:.0f} |")
-    lines += ["", f"Mean gain: {100 * sum(gains) / len(gains):+.1f} points over {len(rows)} seeds "
-              f"(min {100 * min(gains):+.1f}).", ""]
+        lines.append(
+            f"| {r['seed']} | {r['start']:.3f} | {r['final']:.3f} | {100 * (r['final'] - r['start']):+.1f} "
+            f"| {r['rollouts']:.0f} | {r['wall_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Mean gain: {100 * sum(gains) / len(gains):+.1f} points over {len(rows)} seeds "
+        f"(min {100 * min(gains):+.1f}).",
+        "",
+    ]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -548,3 +548,20 @@ def test_objective_module_has_no_framework_imports():
     source = Path(objective.__file__).read_text()
     for name in ("lightning", "hydra", "mlflow", "transformers"):
         assert f"import {name}" not in source and f"from {name}" not in source
+
+
+def test_infinite_values_on_padding_never_reach_the_loss():
+    """k3 can overflow to inf where pi and pi_ref disagree wildly; on padding that must not turn
+    the aggregate into NaN (inf * 0 = NaN), and the gradient of real tokens stays finite."""
+    logp = torch.tensor([[-1.0, -2.0, -1e4]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0, 1e4]])
+    mask = torch.tensor([[1, 1, 0]])
+    kl = kl_k3(logp, ref)
+    assert torch.isinf(kl[0, 2])
+    for mode in ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"):
+        value = aggregate(kl, mask, mode, max_len=3)
+        assert torch.isfinite(value), mode
+    expected = (math.exp(-0.5) + 0.5 - 1.0 + 0.0) / 2
+    assert aggregate(kl, mask).item() == pytest.approx(expected)
+    assert torch.isfinite(objective.masked_mean(kl, mask))
+    assert torch.isfinite(kl_penalised_rewards(torch.zeros(1), logp, ref, mask, 0.1, "k3")).all()

@@ -192,3 +192,23 @@ def test_greedy_sampling_is_deterministic_and_grouped_by_prompt(policy):
 def test_sampler_rejects_bad_settings_naming_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         GenerateSampler(**kwargs)
+
+
+def test_entropy_carries_a_gradient_only_when_asked():
+    """Logged entropy stays out of the autograd graph; an entropy bonus gets its gradient."""
+    from grpo_lab.policy import tiny_llama
+    from grpo_lab.sampling import Completions, completion_logprobs
+
+    policy = tiny_llama(hidden_size=32, intermediate_size=64)
+    ids = torch.tensor([[5, 6, 7]])
+    comp = Completions(
+        prompt_ids=ids,
+        prompt_mask=torch.ones_like(ids),
+        completion_ids=torch.tensor([[8, 9]]),
+        completion_mask=torch.ones(1, 2, dtype=torch.long),
+        truncated=torch.tensor([False]),
+    )
+    logp, entropy = completion_logprobs(policy.model, comp, with_entropy=True)
+    assert logp.requires_grad and not entropy.requires_grad
+    _, entropy = completion_logprobs(policy.model, comp, with_entropy=True, entropy_grad=True)
+    assert entropy.requires_grad

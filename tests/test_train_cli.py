@@ -19,10 +19,24 @@ from conftest import FAST
 
 # What every training run logs per step (TRL's names where TRL has one).
 STEP_METRICS = [
-    "reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean", "kl", "loss",
-    "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-    "completions/mean_length", "completions/max_length", "completions/clipped_ratio",
-    "frac_reward_zero_std", "entropy", "grad_norm", "lr", "perf/step_time_s", "perf/tokens_per_s",
+    "reward",
+    "reward_std",
+    "rewards/accuracy/mean",
+    "rewards/format/mean",
+    "kl",
+    "loss",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "completions/mean_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "frac_reward_zero_std",
+    "entropy",
+    "grad_norm",
+    "lr",
+    "perf/step_time_s",
+    "perf/tokens_per_s",
     "rollout",
 ]
 
@@ -47,7 +61,10 @@ def test_default_config_composes_and_validates():
     assert cfg.loss.epsilon_low == cfg.epsilon == cfg.loss.epsilon_high
     assert cfg.kl.estimator == "k3" and cfg.advantage.scale == "group_std"
     assert cfg.loss.aggregation == "seq_mean_token_mean"
-    assert cfg.logger.tracking_uri.startswith("sqlite:///") or "MLFLOW_TRACKING_URI" in __import__("os").environ
+    assert (
+        cfg.logger.tracking_uri.startswith("sqlite:///")
+        or "MLFLOW_TRACKING_URI" in __import__("os").environ
+    )
     task = instantiate(cfg.task)
     assert task.train() and task.eval()
     algo = algo_config(cfg)
@@ -58,8 +75,20 @@ def test_overrides_reach_the_composed_config():
     cfg = compose_default("G=16", "beta=0", "epsilon=0.1", "mu=2", "train.minibatch_size=64")
     validate(cfg)
     algo = algo_config(cfg)
-    assert (algo.G, algo.beta, algo.epsilon_low, algo.epsilon_high, algo.mu, algo.minibatch_size) == (
-        16, 0.0, 0.1, 0.1, 2, 64,
+    assert (
+        algo.G,
+        algo.beta,
+        algo.epsilon_low,
+        algo.epsilon_high,
+        algo.mu,
+        algo.minibatch_size,
+    ) == (
+        16,
+        0.0,
+        0.1,
+        0.1,
+        2,
+        64,
     )
 
 
@@ -76,7 +105,11 @@ def test_overrides_reach_the_composed_config():
         ("sampler.temperature=0", "sampler.temperature=0", "> 0"),
         ("train.scheduler=warmup", "train.scheduler='warmup'", "constant, cosine, linear"),
         ("sampler.min_p=1.5", "sampler.min_p=1.5", "[0, 1)"),
-        ("policy.use_chat_template=maybe", "policy.use_chat_template='maybe'", "auto, true or false"),
+        (
+            "policy.use_chat_template=maybe",
+            "policy.use_chat_template='maybe'",
+            "auto, true or false",
+        ),
         ("policy.lora.r=0", "policy.lora.r=0", "integer >= 1"),
     ],
 )
@@ -108,11 +141,17 @@ def test_two_step_run_through_the_cli_logs_everything_to_mlflow(run_cli, tmp_pat
 
     # the resolved config as flattened params and as a YAML artifact
     params = run.data.params
-    assert params["G"] == "4" and params["beta"] == "0.04" and params["loss.aggregation"] == "seq_mean_token_mean"
+    assert (
+        params["G"] == "4"
+        and params["beta"] == "0.04"
+        and params["loss.aggregation"] == "seq_mean_token_mean"
+    )
     assert params["loss.epsilon_low"] == "0.2"  # interpolation resolved
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
-    config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    config_text = Path(
+        client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    ).read_text()
     assert "G: 4" in config_text
 
     for key in STEP_METRICS:
@@ -127,7 +166,9 @@ def test_two_step_run_through_the_cli_logs_everything_to_mlflow(run_cli, tmp_pat
     # sample completions table
     tables = [a.path for a in client.list_artifacts(run.info.run_id, "completions")]
     assert tables, artifacts
-    table = json.loads(Path(client.download_artifacts(run.info.run_id, tables[0], str(tmp_path))).read_text())
+    table = json.loads(
+        Path(client.download_artifacts(run.info.run_id, tables[0], str(tmp_path))).read_text()
+    )
     assert set(table["columns"]) >= {"prompt", "completion", "reward", "advantage"}
     assert len(table["data"]) == 16  # train.num_samples_logged
 
@@ -156,9 +197,20 @@ def test_resume_from_checkpoint_continues_where_it_stopped(run_cli, tmp_path, tr
 def test_grpo_raises_reward_and_held_out_accuracy(run_cli, tracking_uri):
     """A short fixed-seed run: GRPO lifts greedy accuracy on held-out prompts above the SFT start."""
     run_cli(
-        "train", "seed=0", "task.max_operand=29", "task.eval_size=200", "train.eval_size=200",
-        "policy.hidden_size=64", "policy.intermediate_size=256", "sft.steps=800", "sft.num_examples=null",
-        "train.rollouts=60", "train.lr=2e-4", "train.eval_every=20", "trainer.enable_progress_bar=false",
+        "train",
+        "seed=0",
+        "task.max_operand=29",
+        "task.eval_size=200",
+        "train.eval_size=200",
+        "policy.hidden_size=64",
+        "policy.intermediate_size=256",
+        "sft.steps=800",
+        "sft.lr=3e-3",
+        "sft.num_examples=null",
+        "train.rollouts=60",
+        "train.lr=2e-4",
+        "train.eval_every=20",
+        "trainer.enable_progress_bar=false",
         timeout=600,
     )
     client, run = only_run(tracking_uri)
@@ -207,7 +259,9 @@ def test_beta_positive_and_mu_above_one_compute_reference_and_old_logprobs():
 
 
 @pytest.mark.slow
-def test_reward_that_raises_fails_the_run_clearly_and_keeps_checkpoints(run_cli, tmp_path, tracking_uri):
+def test_reward_that_raises_fails_the_run_clearly_and_keeps_checkpoints(
+    run_cli, tmp_path, tracking_uri
+):
     """The second rollout's reward call raises: the error names the function, MLflow marks the
     run FAILED with the error, and the checkpoint of the first rollout is still on disk."""
     (tmp_path / "flaky_rewards.py").write_text(
@@ -219,9 +273,14 @@ def test_reward_that_raises_fails_the_run_clearly_and_keeps_checkpoints(run_cli,
         "    return [0.0] * len(completions)\n"
     )
     proc = run_cli(
-        "train", *FAST, "train.eval_every=100", "reward=accuracy",
-        "+reward.functions.flaky._target_=flaky_rewards.flaky", "+reward.functions.flaky._partial_=true",
-        check=False, env={"PYTHONPATH": str(tmp_path)},
+        "train",
+        *FAST,
+        "train.eval_every=100",
+        "reward=accuracy",
+        "+reward.functions.flaky._target_=flaky_rewards.flaky",
+        "+reward.functions.flaky._partial_=true",
+        check=False,
+        env={"PYTHONPATH": str(tmp_path)},
     )
     assert proc.returncode != 0
     assert "reward function 'flaky' raised KeyError" in proc.stderr

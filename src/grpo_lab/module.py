@@ -373,7 +373,11 @@ class GRPOModule(L.LightningModule):
             sub = _select(rollout.completions, chunk)
             sub.completion_mask = mask[chunk]
             logp, entropy = completion_logprobs(
-                self.policy, sub, temperature=self.sampler.temperature, with_entropy=True
+                self.policy,
+                sub,
+                temperature=self.sampler.temperature,
+                with_entropy=True,
+                entropy_grad=bool(self.algo.entropy_coef),
             )
             old = rollout.old_logp[chunk] if rollout.old_logp is not None else logp.detach()
             ref = rollout.ref_logp[chunk] if rollout.ref_logp is not None else None
@@ -391,7 +395,7 @@ class GRPOModule(L.LightningModule):
                 max_len=self.sampler.max_new_tokens,
                 ratio_level=self.algo.ratio_level,
                 dual_clip=self.algo.dual_clip,
-                entropy=entropy if self.algo.entropy_coef else entropy.detach(),
+                entropy=entropy,
                 entropy_coef=self.algo.entropy_coef,
             )
             if not torch.isfinite(loss):

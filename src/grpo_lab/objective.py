@@ -157,7 +157,7 @@ def importance_log_ratio(
         return log_ratio
     if level == "sequence":
         lengths = mask.sum(dim=1).clamp(min=1)
-        seq = (log_ratio * mask).sum(dim=1) / lengths  # (N,)
+        seq = _zero_padding(log_ratio, mask).sum(dim=1) / lengths  # (N,)
         # value = seq ratio, gradient = per-token d logp / |o_i|, as GSPO-token.
         return seq.detach().unsqueeze(1) + logp - logp.detach()
     raise ValueError(f"importance ratio level={level!r}; allowed: token, sequence")
@@ -219,8 +219,8 @@ def aggregate(
     token_mean:          sum_it x_it / sum_i |o_i|   (DAPO)
     seq_mean_token_sum_norm: 1/N sum_i 1/L sum_t x_it with a constant L = max_len (Dr. GRPO)
     """
+    masked = _zero_padding(per_token, mask)
     mask = mask.to(per_token.dtype)
-    masked = per_token * mask
     if mode == "seq_mean_token_mean":
         return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     if mode == "token_mean":
@@ -306,10 +306,15 @@ def grpo_loss(
     return loss, stats
 
 
+def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+    """x with padding set to 0. Selecting, not multiplying: inf * 0 would be NaN, and an
+    estimator can overflow on padding tokens the policy finds very unlikely."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of x over positions where mask is 1."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return _zero_padding(x, mask).sum() / mask.to(x.dtype).sum().clamp(min=1)
 
 
 def kl_penalised_rewards(
@@ -321,4 +326,4 @@ def kl_penalised_rewards(
     gradient of its own. rewards: (N,); logp, ref_logp, mask: (N, T). Returns (N,).
     """
     kl = kl_estimate(logp.detach(), ref_logp.detach(), estimator)
-    return rewards - beta * (kl * mask).sum(dim=1)
+    return rewards - beta * _zero_padding(kl, mask).sum(dim=1)

@@ -385,11 +385,13 @@ def plot_curves(sweep: Sweep, path: Path) -> None:
             if len(jobs) > 1:
                 ax.fill_between(steps, lo, hi, color=colors(i), alpha=0.08)
     axes[0].set(
-        title="training reward (mean of each rollout)", xlabel="optimizer step", ylabel="reward"
+        title="training reward (mean of each rollout)",
+        xlabel="rollout (GRPO step)",
+        ylabel="reward",
     )
     axes[1].set(
         title="greedy eval accuracy (held-out prompts)",
-        xlabel="optimizer step",
+        xlabel="rollout (GRPO step)",
         ylabel="eval accuracy",
     )
     for ax in axes:

@@ -176,10 +176,12 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log pi(o_t | q, o_<t) of every completion token, and optionally the entropy there.
 
-    Returns logp (N, T) float32 and entropy (N, T) or None. Logits are divided by the
+    Returns logp (N, T) float32 and entropy (N, T) or None (differentiable only with
+    entropy_grad, for an entropy bonus). Logits are divided by the
     sampling temperature so that pi_old matches the distribution the tokens came from.
     Only the T positions that predict completion tokens are projected to the vocabulary.
     """
@@ -197,5 +199,10 @@ def completion_logprobs(
     if temperature != 1.0:
         logits = logits / temperature
     logp = selective_log_softmax(logits, completions.completion_ids)
-    entropy = token_entropy(logits) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        # The full-vocabulary softmax behind the entropy stays out of the autograd graph unless
+        # an entropy bonus needs its gradient.
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = token_entropy(logits)
     return logp, entropy
