@@ -10,12 +10,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
+from conftest import FAST
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.instantiate import instantiate
 from grpo_lab.paths import config_dir
 from grpo_lab.train import algo_config
-
-from conftest import FAST
 
 # What every training run logs per step (TRL's names where TRL has one).
 STEP_METRICS = [
