@@ -11,6 +11,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from grpo_lab import schema
 from grpo_lab.schema import SCHEMAS
 
 
@@ -30,8 +31,9 @@ def _rule(pred: Callable[[Any], bool], allowed: str) -> tuple[Callable[[Any], bo
     return pred, allowed
 
 
-def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in options), "one of " + ", ".join(options)
+def _choice(*options: str | Enum) -> tuple[Callable[[Any], bool], str]:
+    names = tuple(o.value if isinstance(o, Enum) else o for o in options)
+    return (lambda v: v in names), "one of " + ", ".join(names)
 
 
 # key -> (predicate, what is allowed). Keys absent from the config are skipped.
@@ -51,14 +53,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: _is_num(v) and 0 < v < 1, "a number with 0 < epsilon_low < 1"
     ),
     "loss.epsilon_high": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "loss.aggregation": _choice("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"),
-    "loss.ratio_level": _choice("token", "sequence"),
+    "loss.aggregation": _choice(*schema.Aggregation),
+    "loss.ratio_level": _choice(*schema.RatioLevel),
     "loss.dual_clip": _rule(lambda v: v is None or (_is_num(v) and v > 1), "null or a number > 1"),
     "loss.entropy_coef": _rule(_is_num, "a number"),
     "loss.mask_truncated": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "kl.estimator": _choice("k1", "k2", "k3", "none"),
-    "kl.mode": _choice("loss", "reward"),
-    "advantage.scale": _choice("group_std", "batch_std", "none", "rloo"),
+    "kl.estimator": _choice(*schema.KLEstimator),
+    "kl.mode": _choice(*schema.KLMode),
+    "advantage.scale": _choice(*schema.AdvantageScale),
     "advantage.eps": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
     "advantage.unbiased_std": _rule(lambda v: isinstance(v, bool), "true or false"),
     "train.rollouts": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -74,7 +76,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_grad_norm": _rule(
         lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0"
     ),
-    "train.scheduler": _choice("constant", "cosine", "linear"),
+    "train.scheduler": _choice(*schema.Scheduler),
     "train.warmup_steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "train.eval_every": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "train.eval_size": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
@@ -126,13 +128,13 @@ def _describe(tp: Any) -> str:
 def schema_errors(cfg: DictConfig) -> dict[str, str]:
     """Type errors against ``schema.SCHEMAS``: full key -> message (missing/unknown keys too)."""
     errors: dict[str, str] = {}
-    for path, (schema, strict) in SCHEMAS.items():
+    for path, (group_schema, strict) in SCHEMAS.items():
         present, node = (True, cfg) if not path else _get(cfg, path)
         if not present or not isinstance(node, DictConfig):
             continue
         prefix = f"{path}." if path else ""
-        types = get_type_hints(schema)
-        names = [f.name for f in dataclasses.fields(schema)]
+        types = get_type_hints(group_schema)
+        names = [f.name for f in dataclasses.fields(group_schema)]
         if strict:
             for key in node:
                 if key not in types:
@@ -154,7 +156,7 @@ def schema_errors(cfg: DictConfig) -> dict[str, str]:
                 continue
             try:
                 # One key at a time, so each bad key is named; the others stay MISSING.
-                OmegaConf.merge(OmegaConf.structured(schema), {name: value})
+                OmegaConf.merge(OmegaConf.structured(group_schema), {name: value})
             except OmegaConfBaseException:
                 key = prefix + name
                 allowed = RULES[key][1] if key in RULES else _describe(types[name])
