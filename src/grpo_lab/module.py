@@ -110,6 +110,9 @@ class GRPOModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy.model
+        # Dropout off for good (as TRL's disable_dropout): pi_old, pi_theta and pi_ref must be
+        # the same function of the weights, or the ratio is not 1 at the first inner step.
+        self.policy.eval()
         self.tokenizer = policy.tokenizer
         self.use_chat_template = policy.use_chat_template
         self.task = task

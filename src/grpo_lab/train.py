@@ -246,16 +246,19 @@ def silence_noise() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     # Lightning adds its own console handler; Hydra's root handler already prints (and files) it.
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 lg.removeHandler(h)
-        lg.addFilter(lambda record: "litlogger" not in record.getMessage())
+    # Logger filters see only records logged to that very logger, so filter where the tip is made.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
     for pattern in (
         r".*LeafSpec.*",  # torch pytree deprecation inside Lightning
         r".*Using ModelCheckpoint with manual optimization.*",  # we checkpoint after whole rollouts
         r".*does not have many workers.*",  # prompts are a list in memory; workers would not help
+        r".*module\(s\) in eval mode at the start of training.*",  # dropout off by design (module.py)
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
