@@ -136,14 +136,7 @@ def load_pretrained(
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs
     )
-    # A directory saved from our char tokenizer names no model-specific class; load it as the
-    # generic fast tokenizer so transformers does not rebuild it as another class (PITFALLS).
-    tok_cfg = local / "tokenizer_config.json"
-    generic = ('"PreTrainedTokenizerFast"', '"TokenizersBackend"')
-    if local.is_dir() and tok_cfg.exists() and any(g in tok_cfg.read_text() for g in generic):
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     policy = Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
     return _finish(policy, lora, use_chat_template)
 
@@ -156,3 +149,18 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+def load_tokenizer(
+    name_or_path: str, *, trust_remote_code: bool = False, local_files_only: bool = False
+) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer``, except that a directory saved from a generic fast tokenizer (such as
+    our char tokenizer) loads as one: transformers 5 may otherwise rebuild it as the model
+    type's own class and silently drop characters (PITFALLS)."""
+    cfg = Path(name_or_path) / "tokenizer_config.json"
+    generic = ('"PreTrainedTokenizerFast"', '"TokenizersBackend"')
+    if cfg.is_file() and any(g in cfg.read_text() for g in generic):
+        return PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(
+        name_or_path, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+    )

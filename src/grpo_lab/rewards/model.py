@@ -10,21 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 
+from grpo_lab.policy.build import load_tokenizer as load_policy_tokenizer
 from grpo_lab.tasks.base import Example
 
 
 def load_tokenizer(name_or_path: str, local_files_only: bool = False) -> PreTrainedTokenizerBase:
-    """AutoTokenizer, padding on the right, except that a directory saved from a generic fast
-    tokenizer is loaded as one: transformers 5 may otherwise rebuild it as the model type's
-    class and lose characters."""
-    cfg = Path(name_or_path) / "tokenizer_config.json"
-    generic = ('"PreTrainedTokenizerFast"', '"TokenizersBackend"')
-    if cfg.is_file() and any(g in cfg.read_text() for g in generic):
-        tok = PreTrainedTokenizerFast.from_pretrained(name_or_path)
-    else:
-        tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
+    """The policy loader's tokenizer (generic fast tokenizers kept as such), padding on the right."""
+    tok = load_policy_tokenizer(name_or_path, local_files_only=local_files_only)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     # Right padding keeps absolute positions (BERT) and a first-token [CLS] where the scorer
