@@ -55,6 +55,18 @@ def run_once(seed: int, overrides: list[str], workdir: Path) -> dict[str, float]
     }
 
 
+def cpu_model() -> str:
+    """The CPU's name: the same seed samples differently on another CPU model (float reductions
+    differ), so the figures are tied to it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -79,7 +91,7 @@ def main() -> None:
         "# Benchmark: the default experiment learns",
         "",
         f"Command: `{cmd}` (each run: `grpo-lab train seed=S`, SFT warm start trained from scratch).",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.",
         "",
         "| seed | greedy eval accuracy, SFT start | after GRPO | gain (points) | rollouts | wall time (s) |",

@@ -12,6 +12,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist the workers share the cores: each worker, and the CLI runs it starts, get
+# their share of torch threads rather than all of them each (oversubscription slows both).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS_PER_WORKER = max(1, (os.cpu_count() or 1) // _WORKERS)
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(THREADS_PER_WORKER)
+
 # Overrides that make `grpo-lab train` finish in seconds: a 10x10 addition table, a short
 # SFT warm start, two rollouts of 4 prompts x 4 completions.
 FAST = [
@@ -67,6 +76,7 @@ def run_cli(tmp_path, tracking_uri, cache_dir):
             "GRPO_LAB_CACHE": str(cache_dir),
             "HYDRA_FULL_ERROR": "1",
             "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(THREADS_PER_WORKER),
             **(env or {}),
         }
         proc = subprocess.run(

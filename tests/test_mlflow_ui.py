@@ -132,9 +132,7 @@ def test_runs_table_shows_the_nested_sweep_its_params_and_charts(
         page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
         # Plotly draws the lines after the chart frame appears: wait for one line per job.
         traces = ".js-plotly-plot .scatterlayer .trace"
-        page.wait_for_function(
-            f"document.querySelectorAll({traces!r}).length >= 4", timeout=30_000
-        )
+        page.wait_for_function(f"document.querySelectorAll({traces!r}).length >= 4", timeout=30_000)
         assert page.locator(traces).count() >= 4
         page.screenshot(path=str(tmp_path / "charts.png"))
 

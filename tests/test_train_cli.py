@@ -198,7 +198,9 @@ def test_grpo_raises_reward_and_held_out_accuracy(run_cli, tracking_uri):
     run_cli(
         "train",
         "seed=0",
-        "task.max_operand=29",
+        # Sums up to 49+49: enough carries that the flawed demos leave room to learn, yet the
+        # warm start samples correct answers often. Seeds 0-3 gained +17 to +24 points here.
+        "task.max_operand=49",
         "task.eval_size=200",
         "train.eval_size=200",
         "policy.hidden_size=64",
@@ -216,7 +218,7 @@ def test_grpo_raises_reward_and_held_out_accuracy(run_cli, tracking_uri):
     start, final = run.data.metrics["eval/accuracy_start"], run.data.metrics["eval/accuracy_final"]
     rewards = [m.value for m in client.get_metric_history(run.info.run_id, "rewards/accuracy/mean")]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert final >= start + 0.05, (start, final)
+    assert final >= start + 0.08, (start, final)
     assert last > first + 0.03, (first, last)
 
 
