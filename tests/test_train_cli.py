@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,24 @@ def test_bad_config_fails_before_any_compute_through_the_cli(run_cli, tmp_path, 
     proc = run_cli("train", "policy=nope", check=False)
     assert proc.returncode != 0
     assert "policy/nope" in proc.stderr and "tiny" in proc.stderr and "pretrained" in proc.stderr
+
+
+def test_bad_config_fails_before_the_heavy_imports(tmp_path):
+    """The check runs before torch, Lightning and MLflow load, so a typo costs a second, not ten."""
+    script = (
+        "import sys\n"
+        "from grpo_lab.cli import main\n"
+        "try:\n"
+        "    main(['train', 'G=1', 'hydra.run.dir=.'])\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+        "print('loaded', sorted({'torch', 'lightning', 'mlflow', 'transformers'} & set(sys.modules)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert "G=1 is invalid" in proc.stderr, proc.stderr[-3000:]
+    assert "exit 1" in proc.stdout and "loaded []" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow

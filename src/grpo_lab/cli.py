@@ -30,6 +30,12 @@ def _hydra_app(command: str):
     from grpo_lab.paths import config_dir
 
     def task(cfg):
+        if command in ("train", "sft"):
+            # Checked here, before torch, Lightning and transformers are imported (seconds), so
+            # a bad value fails at once; train() checks again for callers that skip the CLI.
+            from grpo_lab.config import validate
+
+            validate(cfg)
         from grpo_lab.train import silence_noise
 
         silence_noise()
