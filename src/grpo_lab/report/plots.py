@@ -1,0 +1,143 @@
+"""The report's figures: curves per configuration and the objective against each swept key."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from grpo_lab.report.load import Sweep
+from grpo_lab.report.stats import _mean, _std, config_keys, groups, label
+
+
+def _num(v: str) -> float | None:
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def _sort_values(values: list[str]) -> list[str]:
+    """Numeric values in numeric order, others in text order."""
+    if all(_num(v) is not None for v in values):
+        return sorted(values, key=lambda v: float(v))
+    return sorted(values)
+
+
+def _mean_curve(
+    curves: list[list[tuple[int, float]]],
+) -> tuple[list[int], list[float], list[float], list[float]]:
+    by_step: dict[int, list[float]] = {}
+    for c in curves:
+        for s, v in c:
+            by_step.setdefault(s, []).append(v)
+    steps = sorted(by_step)
+    return (
+        steps,
+        [sum(by_step[s]) / len(by_step[s]) for s in steps],
+        [min(by_step[s]) for s in steps],
+        [max(by_step[s]) for s in steps],
+    )
+
+
+def plot_curves(sweep: Sweep, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    keys = config_keys(sweep)
+    grouped = [(label(jobs[0].swept, keys), jobs) for jobs in groups(sweep).values()]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.get_cmap("tab10" if len(grouped) <= 10 else "tab20")
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # identical curves stay visible
+    for i, (name, jobs) in enumerate(grouped):
+        failed = all(j.status == "FAILED" for j in jobs)
+        seeds = f" ({len(jobs)} seeds)" if len(jobs) > 1 else ""
+        for ax, metric in zip(axes, ("reward", "eval/accuracy")):
+            steps, mean, lo, hi = _mean_curve([j.curves[metric] for j in jobs])
+            if not steps:
+                ax.plot(
+                    [], [], color=colors(i), label=f"{name}{seeds} [FAILED]" if failed else name
+                )
+                continue
+            ls, mk = styles[i % len(styles)]
+            ax.plot(steps, mean, ls=ls, marker=mk, ms=4, color=colors(i), label=f"{name}{seeds}")
+            if len(jobs) > 1:
+                ax.fill_between(steps, lo, hi, color=colors(i), alpha=0.08)
+    axes[0].set(
+        title="training reward (mean of each rollout)",
+        xlabel="rollout (GRPO step)",
+        ylabel="reward",
+    )
+    axes[1].set(
+        title="greedy eval accuracy (held-out prompts)",
+        xlabel="rollout (GRPO step)",
+        ylabel="eval accuracy",
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].legend(title="configuration", fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(
+        f"sweep {sweep.sweep_id}: one line per configuration"
+        + (" (band: min-max over seeds)" if any(len(j) > 1 for _, j in grouped) else "")
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_objective(sweep: Sweep, key: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_value: dict[str, list[float]] = {}
+    for job in sweep.jobs:
+        if key in job.swept:
+            by_value.setdefault(job.swept[key], []).append(job.values["objective"])
+    values = _sort_values(list(by_value))
+    xs = list(range(len(values)))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for x, v in zip(xs, values):
+        ok = [y for y in by_value[v] if not math.isnan(y)]
+        jitter = [x + 0.06 * (i - (len(ok) - 1) / 2) for i in range(len(ok))]
+        ax.scatter(jitter, ok, color="0.55", s=18, zorder=2, label="one run" if x == 0 else None)
+        n_failed = len(by_value[v]) - len(ok)
+        if n_failed:
+            ax.annotate(
+                f"{n_failed} run{'s' * (n_failed > 1)}\nFAILED",
+                (x, 0.5),
+                xycoords=("data", "axes fraction"),
+                ha="center",
+                va="center",
+                color="tab:red",
+                fontsize=10,
+                fontweight="bold",
+            )
+    means = [_mean(by_value[v]) for v in values]
+    stds = [_std(by_value[v]) for v in values]
+    ax.errorbar(
+        xs,
+        means,
+        yerr=[0 if math.isnan(s) else s for s in stds],
+        color="tab:blue",
+        marker="s",
+        capsize=5,
+        lw=2,
+        zorder=3,
+        label="mean ± std",
+    )
+    ax.set_xticks(xs, values)
+    ax.set(
+        xlabel=key,
+        ylabel=f"objective ({sweep.objective_name})",
+        title=f"{sweep.objective_name} against {key}\n(each value pooled over the other swept keys and seeds)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
