@@ -3,16 +3,20 @@
     grpo-lab report multirun/2026-01-31/12-00-00          # a sweep folder
     grpo-lab report grpo_lab                               # an experiment: its latest sweep
     grpo-lab report grpo_lab --tracking-uri sqlite:///mlflow.db --out reports/
+    grpo-lab report multirun/2026-01-31/12-00-00 --smooth-window 51
 
 Writes into --out (default ``<sweep dir>/report``) and logs under ``report/`` in the sweep's
 parent run:
 
 - ``table.md`` / ``table.csv``: one row per configuration (the swept values; repeats with
-  ``seeds=N`` averaged), sorted by the objective, failed jobs with status FAILED;
-- ``curves.png``: reward and greedy eval accuracy against step, one line per configuration;
+  ``seeds=N`` averaged, with a 95% t-interval), sorted by the objective, failed jobs FAILED;
+- ``curves.png``: reward (raw faint, rolling mean bold) and greedy eval accuracy against
+  step, one colour per configuration;
 - ``objective_vs_<key>.png``: for each swept key the objective against its values (mean and
   standard deviation over the runs with that value, every run as a dot);
-- ``verdicts.txt``: one line per swept key: the best value and its margin against the spread.
+- ``verdicts.txt``: per swept key and per setting of the other swept keys, the best value
+  against each other value: the difference, its 95% interval over seeds (paired by seed, or
+  Welch) and "clear" only when that interval excludes 0 (rules in ``stats.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_lab.report.load import Job, Sweep, load
-from grpo_lab.report.plots import plot_curves, plot_objective
+from grpo_lab.report.plots import SMOOTH_WINDOW, plot_curves, plot_objective
 from grpo_lab.report.stats import COLUMNS, config_keys, table, verdicts
 
 __all__ = ["Job", "Sweep", "load", "main", "table", "verdicts", "write_report"]
@@ -37,7 +41,8 @@ def to_markdown(df, objective_name: str) -> str:
 
     cols = [c for c in df.columns if c != "runs"]
     lines = [
-        f"Objective: `{objective_name}` (higher is better); one row per configuration, mean over seeds.",
+        f"Objective: `{objective_name}` (higher is better); one row per configuration, mean over "
+        "seeds with its 95% t-interval.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" for _ in cols) + "|",
@@ -48,7 +53,7 @@ def to_markdown(df, objective_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(sweep: Sweep, out: Path) -> dict[str, Path]:
+def write_report(sweep: Sweep, out: Path, smooth_window: int = SMOOTH_WINDOW) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     df = table(sweep)
     files = {
@@ -63,10 +68,13 @@ def write_report(sweep: Sweep, out: Path) -> dict[str, Path]:
         f"# Sweep {sweep.sweep_id}\n\n"
         + to_markdown(df, sweep.objective_name)
         + "\n## Verdicts\n\n"
+        + "Each key's best value against each other value, with the other swept keys held fixed, "
+        + "over seeds (paired by seed when both sides ran the same seeds, else Welch). "
+        + "`clear`: the 95% interval of the difference excludes 0.\n\n"
         + "".join(f"- {v}\n" for v in lines)
     )
     files["verdicts.txt"].write_text("\n".join(lines) + "\n")
-    plot_curves(sweep, files["curves.png"])
+    plot_curves(sweep, files["curves.png"], smooth_window)
     for key in config_keys(sweep):
         name = f"objective_vs_{key.replace('/', '_')}.png"
         files[name] = out / name
@@ -88,7 +96,19 @@ def main(argv: list[str] | None = None) -> None:
         help="MLflow store (default: $MLFLOW_TRACKING_URI, else the sweep's, else sqlite:///mlflow.db)",
     )
     parser.add_argument("--out", default=None, help="output folder (default: <sweep dir>/report)")
+    parser.add_argument(
+        "--smooth-window",
+        type=int,
+        default=SMOOTH_WINDOW,
+        metavar="N",
+        help=f"rollouts in the rolling mean drawn over the raw training reward (default {SMOOTH_WINDOW}; 1: none)",
+    )
     args = parser.parse_args(argv)
+    if args.smooth_window < 1:
+        parser.error(
+            f"--smooth-window={args.smooth_window} is invalid: expected an integer >= 1 "
+            "(rollouts in the reward curve's rolling mean; 1 draws the raw curve only)"
+        )
 
     sweep, sweep_dir, uri = load(args.source, args.tracking_uri)
     if not sweep.jobs:
@@ -98,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.out
         else (sweep_dir / "report" if sweep_dir else Path("reports") / sweep.sweep_id)
     )
-    files = write_report(sweep, out)
+    files = write_report(sweep, out, args.smooth_window)
     if sweep.parent_run_id:
         from mlflow import MlflowClient
 

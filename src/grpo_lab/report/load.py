@@ -27,6 +27,7 @@ class Job:
     swept: dict[str, str]
     values: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    seed: str | None = None  # the run's seed (swept, else its logged param): pairs replicates
 
 
 @dataclass
@@ -76,6 +77,7 @@ def _job_from_run(client: Any, run: Any, swept: dict[str, str]) -> Job:
         swept=swept,
         values=values,
         curves={"reward": hist["reward"], "eval/accuracy": hist["eval/accuracy"]},
+        seed=swept.get("seed") or run.data.params.get("seed"),
     )
 
 

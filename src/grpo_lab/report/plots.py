@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from grpo_lab.report.load import Sweep
-from grpo_lab.report.stats import _mean, _std, config_keys, groups, label
+from grpo_lab.report.stats import _mean, _std, config_keys, groups, label, smooth
 
 
 def _num(v: str) -> float | None:
@@ -39,7 +39,16 @@ def _mean_curve(
     )
 
 
-def plot_curves(sweep: Sweep, path: Path) -> None:
+SMOOTH_WINDOW = 25  # rollouts in the reward curve's rolling mean (grpo-lab report --smooth-window)
+
+
+def curves_figure(sweep: Sweep, smooth_window: int = SMOOTH_WINDOW):
+    """Reward and eval accuracy against rollout, one colour per configuration (mean over seeds).
+
+    The training reward of one rollout is the mean of B*G sampled completions, noisy from step
+    to step: it is drawn faint, with its centred rolling mean over ``smooth_window`` rollouts
+    on top. Eval accuracy is greedy on fixed prompts, drawn as it is.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,11 +71,24 @@ def plot_curves(sweep: Sweep, path: Path) -> None:
                 )
                 continue
             ls, mk = styles[i % len(styles)]
-            ax.plot(steps, mean, ls=ls, marker=mk, ms=4, color=colors(i), label=f"{name}{seeds}")
             if len(jobs) > 1:
                 ax.fill_between(steps, lo, hi, color=colors(i), alpha=0.08)
+            if metric == "reward":
+                ax.plot(steps, mean, color=colors(i), lw=0.8, alpha=0.3)
+                mean = smooth(mean, smooth_window)
+            ax.plot(
+                steps,
+                mean,
+                ls=ls,
+                marker=mk,
+                ms=4,
+                markevery=max(1, len(steps) // 12),
+                lw=1.8,
+                color=colors(i),
+                label=f"{name}{seeds}",
+            )
     axes[0].set(
-        title="training reward (mean of each rollout)",
+        title=f"training reward (faint: each rollout; bold: rolling mean over {smooth_window} rollouts)",
         xlabel="rollout (GRPO step)",
         ylabel="reward",
     )
@@ -75,15 +97,23 @@ def plot_curves(sweep: Sweep, path: Path) -> None:
         xlabel="rollout (GRPO step)",
         ylabel="eval accuracy",
     )
+    axes[0].title.set_fontsize(10)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].legend(title="configuration", fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(
-        f"sweep {sweep.sweep_id}: one line per configuration"
+        f"sweep {sweep.sweep_id}: one colour per configuration"
         + (" (band: min-max over seeds)" if any(len(j) > 1 for _, j in grouped) else "")
     )
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(sweep: Sweep, path: Path, smooth_window: int = SMOOTH_WINDOW) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(sweep, smooth_window)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
