@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from grpo_lab.report import Job, Sweep, table, verdicts
-from grpo_lab.report.plots import curves_figure
+from grpo_lab.report.plots import curves_figure, objective_figure
 from grpo_lab.report.stats import smooth
 from test_sweep import GridSweep, shared_grid_sweep
 
@@ -343,3 +343,29 @@ def test_report_rejects_a_smoothing_window_below_one_before_reading_anything(tmp
     assert proc.returncode == 2
     assert "--smooth-window=0 is invalid: expected an integer >= 1" in proc.stderr
     assert "no_such_sweep" not in proc.stderr  # rejected before looking the source up
+
+
+def test_objective_figure_draws_each_setting_of_the_other_keys_with_its_95_intervals():
+    sweep = _sweep(
+        {
+            ("4", "0"): [0.5, 0.6, 0.7],
+            ("8", "0"): [0.6, 0.6, 0.6],
+            ("4", "0.04"): [0.2, 0.3, 0.4],
+            ("8", "0.04"): [0.1],
+        }
+    )
+    fig = objective_figure(sweep, "G")
+    (ax,) = fig.axes
+    beta0, beta004 = ax.containers
+    assert [beta0.get_label(), beta004.get_label()] == ["beta=0", "beta=0.04"]
+    # means over seeds; [0.5, 0.6, 0.7] and [0.2, 0.3, 0.4]: sd 0.1, half 4.303 * 0.1 / sqrt(3) = 0.2484
+    assert list(beta0.lines[0].get_ydata()) == pytest.approx([0.6, 0.6])
+    assert list(beta004.lines[0].get_ydata()) == pytest.approx([0.3, 0.1])
+    bars0 = [y for seg in beta0.lines[2][0].get_segments() for y in (seg[0][1], seg[1][1])]
+    assert bars0 == pytest.approx([0.3516, 0.8484, 0.6, 0.6], abs=2e-4)
+    bars004 = [y for seg in beta004.lines[2][0].get_segments() for y in (seg[0][1], seg[1][1])]
+    assert bars004 == pytest.approx([0.0516, 0.5484, 0.1, 0.1], abs=2e-4)  # one seed: no bar
+    assert "95% interval over seeds" in ax.get_title()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -5,8 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from grpo_lab.report.load import Sweep
-from grpo_lab.report.stats import _mean, _std, config_keys, groups, label, smooth
+from grpo_lab.report.load import Job, Sweep
+from grpo_lab.report.stats import (
+    by_seed,
+    config_keys,
+    finished_objectives,
+    groups,
+    label,
+    smooth,
+    t_interval,
+)
+from grpo_lab.sweep import short_key, short_value
 
 
 def _num(v: str) -> float | None:
@@ -118,28 +127,59 @@ def plot_curves(sweep: Sweep, path: Path, smooth_window: int = SMOOTH_WINDOW) ->
     plt.close(fig)
 
 
-def plot_objective(sweep: Sweep, key: str, path: Path) -> None:
+def objective_figure(sweep: Sweep, key: str):
+    """The objective against ``key``'s values, one line per setting of the other swept keys.
+
+    Each point is a configuration's mean over seeds with its 95% t-interval as the bar (none
+    with one seed), every run a faint dot: values are compared like with like, as the verdicts
+    compare them, rather than pooled over the other keys.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_value: dict[str, list[float]] = {}
+    others = [k for k in config_keys(sweep) if k != key]
+    settings: dict[tuple[str, ...], dict[str, list[Job]]] = {}
     for job in sweep.jobs:
         if key in job.swept:
-            by_value.setdefault(job.swept[key], []).append(job.values["objective"])
-    values = _sort_values(list(by_value))
-    xs = list(range(len(values)))
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for x, v in zip(xs, values):
-        ok = [y for y in by_value[v] if not math.isnan(y)]
-        jitter = [x + 0.06 * (i - (len(ok) - 1) / 2) for i in range(len(ok))]
-        ax.scatter(jitter, ok, color="0.55", s=18, zorder=2, label="one run" if x == 0 else None)
-        n_failed = len(by_value[v]) - len(ok)
+            setting = tuple(job.swept.get(k, "") for k in others)
+            settings.setdefault(setting, {}).setdefault(job.swept[key], []).append(job)
+    values = _sort_values(list({v for by_value in settings.values() for v in by_value}))
+    x_of = {v: x for x, v in enumerate(values)}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.get_cmap("tab10" if len(settings) <= 10 else "tab20")
+    width = min(0.3, 0.08 * (len(settings) - 1))  # settings side by side around each tick
+    for i, (setting, by_value) in enumerate(settings.items()):
+        shift = width * (i / (len(settings) - 1) - 0.5) if len(settings) > 1 else 0.0
+        present = [v for v in values if v in by_value and by_seed(by_value[v])]
+        stats = [t_interval(list(by_seed(by_value[v]).values())) for v in present]
+        xs = [x_of[v] + shift for v in present]
+        name = " ".join(f"{short_key(k)}={short_value(v)}" for k, v in zip(others, setting))
+        for x, v in zip(xs, present):
+            runs = finished_objectives(by_value[v])
+            ax.scatter([x] * len(runs), runs, color=colors(i), s=12, alpha=0.35, zorder=2)
+        ax.errorbar(
+            xs,
+            [m for m, _, _ in stats],
+            yerr=[
+                [0.0 if math.isnan(lo) else m - lo for m, lo, _ in stats],
+                [0.0 if math.isnan(hi) else hi - m for m, _, hi in stats],
+            ],
+            color=colors(i),
+            marker="s",
+            capsize=4,
+            lw=1.8,
+            zorder=3,
+            label=name or "all runs",
+        )
+    for v in values:
+        jobs = [j for by_value in settings.values() for j in by_value.get(v, [])]
+        n_failed = len(jobs) - len(finished_objectives(jobs))
         if n_failed:
             ax.annotate(
                 f"{n_failed} run{'s' * (n_failed > 1)}\nFAILED",
-                (x, 0.5),
+                (x_of[v], 0.5),
                 xycoords=("data", "axes fraction"),
                 ha="center",
                 va="center",
@@ -147,27 +187,23 @@ def plot_objective(sweep: Sweep, key: str, path: Path) -> None:
                 fontsize=10,
                 fontweight="bold",
             )
-    means = [_mean(by_value[v]) for v in values]
-    stds = [_std(by_value[v]) for v in values]
-    ax.errorbar(
-        xs,
-        means,
-        yerr=[0 if math.isnan(s) else s for s in stds],
-        color="tab:blue",
-        marker="s",
-        capsize=5,
-        lw=2,
-        zorder=3,
-        label="mean ± std",
-    )
-    ax.set_xticks(xs, values)
+    ax.set_xticks(range(len(values)), values)
     ax.set(
         xlabel=key,
         ylabel=f"objective ({sweep.objective_name})",
-        title=f"{sweep.objective_name} against {key}\n(each value pooled over the other swept keys and seeds)",
+        title=f"{sweep.objective_name} against {key}\n(mean and 95% interval over seeds; "
+        + (f"one line per {', '.join(short_key(k) for k in others)})" if others else "dots: runs)"),
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(settings) <= 12:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
+    return fig
+
+
+def plot_objective(sweep: Sweep, key: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = objective_figure(sweep, key)
     fig.savefig(path, dpi=110)
     plt.close(fig)
