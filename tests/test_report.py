@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from grpo_lab.report import Job, Sweep, table, verdicts
+from grpo_lab.report import Job, Sweep, load, table, verdicts
 from grpo_lab.report.plots import curves_figure, objective_figure
 from grpo_lab.report.stats import smooth
 from test_sweep import GridSweep, shared_grid_sweep
@@ -369,3 +370,40 @@ def test_objective_figure_draws_each_setting_of_the_other_keys_with_its_95_inter
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_runs_read_from_mlflow_are_paired_by_their_seed(tracking_uri):
+    # A seeds=3 sweep as MLflow holds it: a parent run, one child per job with its swept values
+    # and seed. Jobs are stored in an order that is not the seed order, so pairing must go by seed.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.create_experiment("ablation")
+    parent = client.create_run(
+        exp,
+        tags={"grpo_lab.role": "sweep", "grpo_lab.swept_keys": '["G", "seed"]'},
+    ).info.run_id
+    # G=4: seeds 0,1,2 -> 0.50, 0.60, 0.55; G=8: 0.62, 0.71, 0.66. Per-seed differences
+    # 0.12, 0.11, 0.11: mean 0.11333, sd 0.005774, 95% half-width 4.303 * 0.005774 / sqrt(3) = 0.01434
+    jobs = [("8", 2, 0.66), ("4", 0, 0.50), ("8", 0, 0.62), ("4", 2, 0.55), ("4", 1, 0.60)]
+    jobs.append(("8", 1, 0.71))
+    for num, (g, seed, objective) in enumerate(jobs):
+        run = client.create_run(
+            exp,
+            tags={
+                "mlflow.parentRunId": parent,
+                "grpo_lab.job_num": str(num),
+                "grpo_lab.swept": json.dumps({"G": g, "seed": str(seed)}),
+            },
+        ).info.run_id
+        client.log_param(run, "seed", seed)
+        client.log_metric(run, "objective", objective)
+        client.set_terminated(run)
+    sweep, _, _ = load("ablation", tracking_uri)
+    assert sorted((j.swept["G"], j.seed) for j in sweep.jobs) == sorted(
+        (g, str(s)) for g, s, _ in jobs
+    )
+    (line,) = verdicts(sweep)
+    assert "G=8 vs G=4: +0.113" in line and "paired over 3 seeds" in line
+    assert _interval(line) == pytest.approx((0.1133 - 0.0143, 0.1133 + 0.0143), abs=6e-4)
+    assert line.endswith(": clear")
