@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from grpo_lab.report.load import Job, Sweep
+from grpo_lab.report.load import Sweep
 from grpo_lab.report.stats import (
     by_seed,
     config_keys,
     finished_objectives,
     groups,
     label,
+    settings_of_others,
     smooth,
     t_interval,
 )
@@ -139,12 +140,7 @@ def objective_figure(sweep: Sweep, key: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    others = [k for k in config_keys(sweep) if k != key]
-    settings: dict[tuple[str, ...], dict[str, list[Job]]] = {}
-    for job in sweep.jobs:
-        if key in job.swept:
-            setting = tuple(job.swept.get(k, "") for k in others)
-            settings.setdefault(setting, {}).setdefault(job.swept[key], []).append(job)
+    others, settings = settings_of_others(sweep, key)
     values = _sort_values(list({v for by_value in settings.values() for v in by_value}))
     x_of = {v: x for x, v in enumerate(values)}
     fig, ax = plt.subplots(figsize=(7.5, 4.5))

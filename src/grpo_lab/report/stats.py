@@ -255,6 +255,22 @@ def table(sweep: Sweep):
     ).reset_index(drop=True)
 
 
+def settings_of_others(
+    sweep: Sweep, key: str
+) -> tuple[list[str], dict[tuple[str, ...], dict[str, list[Job]]]]:
+    """The other swept keys, and the jobs by their setting of those keys, then by ``key``'s value.
+
+    Jobs within one setting differ only in ``key`` (and seed): they compare like with like.
+    """
+    others = [k for k in config_keys(sweep) if k != key]
+    settings: dict[tuple[str, ...], dict[str, list[Job]]] = {}
+    for job in sweep.jobs:
+        if key in job.swept:
+            setting = tuple(job.swept.get(k, "") for k in others)
+            settings.setdefault(setting, {}).setdefault(job.swept[key], []).append(job)
+    return others, settings
+
+
 def verdicts(sweep: Sweep) -> list[str]:
     """Lines comparing the values of each swept key, like with like, over seeds.
 
@@ -265,12 +281,7 @@ def verdicts(sweep: Sweep) -> list[str]:
     out = []
     for key in config_keys(sweep):
         name = short_key(key)
-        others = [k for k in config_keys(sweep) if k != key]
-        strata: dict[tuple[str, ...], dict[str, list[Job]]] = {}
-        for job in sweep.jobs:
-            if key in job.swept:
-                setting = tuple(job.swept.get(k, "") for k in others)
-                strata.setdefault(setting, {}).setdefault(job.swept[key], []).append(job)
+        others, strata = settings_of_others(sweep, key)
         pooled: dict[str, list[float]] = {}  # each value's objectives over all settings
         for by_value in strata.values():
             for value, jobs in by_value.items():
