@@ -191,6 +191,38 @@ def test_first_token_frequencies_match_the_filtered_softmax(policy):
         assert len(keep) > 3, "the distribution must be spread for the check to bite"
 
 
+# --------------------------------------------------------------------------- generate's config
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_generate_ignores_the_sampling_settings_a_checkpoint_ships(policy, greedy):
+    """The sampler's settings are the whole distribution: a checkpoint's own generation_config
+    (repetition penalty, n-gram ban, top-k 50, banned and suppressed tokens) changes nothing."""
+    model, tok = policy.model, policy.tokenizer
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    sampler = GenerateSampler(max_new_tokens=16, temperature=1.0)
+    torch.manual_seed(0)
+    clean = sampler.sample(model, prompt_ids, prompt_mask, 2, greedy=greedy)
+    first_tokens = clean.completion_ids[:, 0].tolist()
+    shipped = copy.deepcopy(model)
+    for key, value in {
+        "repetition_penalty": 1.8,
+        "no_repeat_ngram_size": 2,
+        "top_k": 50,
+        "min_p": 0.3,
+        # tokens the clean run draws first: banning them must change the text if it applied
+        "bad_words_ids": [[first_tokens[0]]],
+        "suppress_tokens": [first_tokens[2]],
+    }.items():
+        setattr(shipped.generation_config, key, value)
+    torch.manual_seed(0)
+    got = sampler.sample(shipped, prompt_ids, prompt_mask, 2, greedy=greedy)
+    assert tok.batch_decode(got.completion_ids) == tok.batch_decode(clean.completion_ids)
+    assert torch.equal(got.completion_mask, clean.completion_mask)
+    # the checkpoint keeps its own settings for whoever else reads them
+    assert shipped.generation_config.repetition_penalty == 1.8
+
+
 # --------------------------------------------------------------------------- endings
 
 
