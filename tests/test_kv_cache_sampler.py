@@ -246,6 +246,36 @@ def test_eos_ends_a_row_and_pads_after_it(policy):
 
 
 @pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
+def test_every_eos_id_of_the_model_ends_a_completion(policy, sampler_cls):
+    """Chat models end a turn with one of several EOS ids: the second ends a completion too."""
+    model, tok = policy.model, policy.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    plain = sampler_cls(max_new_tokens=16).sample(model, prompt_ids, prompt_mask, 1, greedy=True)
+    row0 = plain.completion_ids[0].tolist()
+    # the second EOS: the first token of row 0, from its third on, not seen before in the row
+    k = next(t for t in range(2, len(row0)) if row0[t] not in row0[:t])
+    second = row0[k]
+    two_eos = copy.deepcopy(model)
+    two_eos.generation_config.eos_token_id = [eos, second]
+    got = sampler_cls(max_new_tokens=16).sample(two_eos, prompt_ids, prompt_mask, 1, greedy=True)
+    # expected from the plain greedy tokens: each row ends at its first token that is either EOS
+    for row, (ids, n) in enumerate(zip(plain.completion_ids.tolist(), plain.lengths.tolist())):
+        end = next((t for t in range(n) if ids[t] in (eos, second)), None)
+        length = n if end is None else end + 1
+        assert got.completion_ids[row].tolist() == ids[:length] + [pad] * (16 - length)
+        assert got.lengths[row] == length and bool(got.truncated[row]) == (end is None)
+    assert got.lengths[0] == k + 1 and got.completion_ids[0, k] == second and not got.truncated[0]
+    # sampled rows: no EOS before a row's last token, and an untruncated row ends with one
+    torch.manual_seed(0)
+    c = sampler_cls(max_new_tokens=16).sample(two_eos, prompt_ids, prompt_mask, 4)
+    for ids, n, truncated in zip(c.completion_ids.tolist(), c.lengths.tolist(), c.truncated):
+        assert not {eos, second} & set(ids[: n - 1])
+        assert truncated or ids[n - 1] in (eos, second)
+    assert (c.completion_ids == second).any(), "some row must end at the second EOS"
+
+
+@pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
 def test_stop_strings_end_a_completion_at_the_token_that_completes_them(policy, sampler_cls):
     model, tok = policy.model, policy.tokenizer
     prompt_ids, prompt_mask = _encode(tok, PROMPTS[:4])

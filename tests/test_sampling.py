@@ -42,6 +42,21 @@ def test_trim_at_eos_masks_and_pads_everything_after_the_first_eos():
     assert truncated.tolist() == [False, True, False, False, False]
 
 
+def test_trim_at_eos_ends_a_completion_at_the_first_of_several_eos_ids():
+    IM_END = 9  # a chat model's second EOS (Qwen2.5: <|im_end|> beside <|endoftext|>)
+    raw = torch.tensor(
+        [
+            [5, IM_END, 6, EOS, 7],  # the second id comes first: it ends the row
+            [5, 6, EOS, IM_END, 7],  # the first id comes first
+            [5, 6, 7, 8, 4],  # neither: truncated
+        ]
+    )
+    ids, mask, truncated = trim_at_eos(raw, [EOS, IM_END], PAD)
+    assert ids.tolist() == [[5, IM_END, PAD, PAD, PAD], [5, 6, EOS, PAD, PAD], [5, 6, 7, 8, 4]]
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
 # --------------------------------------------------------------------------- log-probs
 
 
