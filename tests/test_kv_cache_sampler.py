@@ -10,7 +10,13 @@ import torch
 
 from conftest import FAST
 from grpo_lab.policy import tiny_llama
-from grpo_lab.sampling import GenerateSampler, KVCacheSampler, completion_logprobs, filter_logits
+from grpo_lab.sampling import (
+    GenerateSampler,
+    KVCacheSampler,
+    completion_logprobs,
+    filter_logits,
+    sampling_logp_gap,
+)
 
 PROMPTS = ["1+2=", "abc", "hello world", "x", "12*34="]
 NEG = float("-inf")
@@ -129,19 +135,22 @@ def test_an_all_eos_batch_stops_early(policy):
 # --------------------------------------------------------------------------- distribution
 
 
+@pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
 @pytest.mark.parametrize("top_k", [0, 5])
-def test_sampled_tokens_have_the_float64_reference_probabilities(policy, top_k):
-    """Every step's distribution (through the shared, expanded cache) is the model's own."""
+def test_sampled_tokens_have_the_float64_reference_probabilities(policy, sampler_cls, top_k):
+    """Every step's distribution (for kv_cache through the shared, expanded cache) is the
+    model's own, and sampling_logp is each token's log-prob under it."""
     model, tok = policy.model, policy.tokenizer
     model64 = copy.deepcopy(model).double()
     temperature, G = 0.7, 3
     prompt_ids, prompt_mask = _encode(tok, PROMPTS)
     torch.manual_seed(0)
-    c = KVCacheSampler(max_new_tokens=12, temperature=temperature, top_k=top_k).sample(
+    c = sampler_cls(max_new_tokens=12, temperature=temperature, top_k=top_k).sample(
         model, prompt_ids, prompt_mask, G
     )
     N = len(PROMPTS) * G
-    assert c.completion_ids.shape[0] == N and c.sampling_logp.shape == c.completion_ids.shape
+    assert c.completion_ids.shape[0] == N
+    assert c.sampling_logp is not None and c.sampling_logp.shape == c.completion_ids.shape
     # rows are grouped by prompt
     assert torch.equal(c.prompt_ids, prompt_ids.repeat_interleave(G, dim=0))
     assert torch.equal(c.prompt_mask, prompt_mask.repeat_interleave(G, dim=0))
@@ -163,6 +172,35 @@ def test_sampled_tokens_have_the_float64_reference_probabilities(policy, top_k):
         if not top_k:  # the trainer's log-probs are the sampler's (unfiltered) ones
             torch.testing.assert_close(scored[row, :n].double(), ref, atol=1e-4, rtol=0)
     assert len({tuple(r) for r in c.completion_ids[:G].tolist()}) > 1, "samples, not copies"
+
+
+@pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_sampling_logp_gap_is_minus_log_the_mass_the_filter_kept(policy, sampler_cls, top_k):
+    """|log q - log pi_old| on a sampled rollout, q the sampler's distribution and pi_old the
+    loss's (``completion_logprobs``): 0 with no filter; with top_k, q = p / m on the kept
+    tokens, m their mass under p, so the gap is -log m (m from a float64 forward)."""
+    model, tok = policy.model, policy.tokenizer
+    model64 = copy.deepcopy(model).double()
+    temperature, G = 0.7, 3
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    torch.manual_seed(0)
+    c = sampler_cls(max_new_tokens=12, temperature=temperature, top_k=top_k).sample(
+        model, prompt_ids, prompt_mask, G
+    )
+    old, _ = completion_logprobs(model, c, temperature=temperature)
+    gap = sampling_logp_gap(c.sampling_logp, old, c.completion_mask)
+    for row in range(len(PROMPTS) * G):
+        n = int(c.completion_mask[row].sum())
+        logits = _reference_logits(
+            model64, prompt_ids, prompt_mask, c.completion_ids, c.completion_mask, row, row // G
+        )
+        p = (logits / temperature).softmax(-1)  # (n, V)
+        kept = p.topk(top_k, dim=-1).values.sum(-1) if top_k else p.sum(-1)
+        torch.testing.assert_close(gap[row, :n].double(), -kept.log(), atol=1e-5, rtol=0)
+        assert gap[row, n:].eq(0).all()
+    if top_k:
+        assert gap.max() > 0.1, "the filter must drop real mass for the check to bite"
 
 
 def test_first_token_frequencies_match_the_filtered_softmax(policy):
@@ -344,3 +382,5 @@ def test_one_training_run_with_the_kv_cache_sampler_logs_to_mlflow(run_cli, trac
     assert run.info.status == "FINISHED"
     assert run.data.params["sampler._target_"] == "grpo_lab.sampling.KVCacheSampler"
     assert "reward" in run.data.metrics and "completions/mean_length" in run.data.metrics
+    # no filter: the sampler's log-probs are pi_old's up to float noise
+    assert run.data.metrics["sampling/sampling_logp_difference/max"] < 1e-4

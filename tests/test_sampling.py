@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from grpo_lab.policy import tiny_llama
-from grpo_lab.sampling import Completions, GenerateSampler, completion_logprobs, trim_at_eos
+from grpo_lab.sampling import (
+    Completions,
+    GenerateSampler,
+    completion_logprobs,
+    sampling_logp_gap,
+    trim_at_eos,
+)
 
 EOS, PAD = 2, 0
 
@@ -55,6 +61,53 @@ def test_trim_at_eos_ends_a_completion_at_the_first_of_several_eos_ids():
     assert ids.tolist() == [[5, IM_END, PAD, PAD, PAD], [5, 6, EOS, PAD, PAD], [5, 6, 7, 8, 4]]
     assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert truncated.tolist() == [False, False, True]
+
+
+# --------------------------------------------------------------------------- sampling vs pi_old
+
+
+def test_sampling_logp_gap_is_the_absolute_difference_on_real_tokens_only():
+    sampling = torch.tensor([[-0.5, -1.0, -2.0], [-0.1, -3.0, 0.0]])
+    old = torch.tensor([[-0.7, -1.0, -9.0], [-0.4, -2.5, -5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    gap = sampling_logp_gap(sampling, old, mask)
+    # |-0.5+0.7| = .2, 0, padding 0; |-0.1+0.4| = .3, |-3+2.5| = .5, |0+5| = 5
+    torch.testing.assert_close(gap, torch.tensor([[0.2, 0.0, 0.0], [0.3, 0.5, 5.0]]))
+
+
+def _rows(logp: list[list[float]]) -> Completions:
+    """Completions whose rows are told apart by sampling_logp (exact in float32)."""
+    n, T = len(logp), len(logp[0])
+    return Completions(
+        prompt_ids=torch.full((n, 1), 5),
+        prompt_mask=torch.ones(n, 1, dtype=torch.long),
+        completion_ids=torch.full((n, T), 7),
+        completion_mask=torch.ones(n, T, dtype=torch.long),
+        truncated=torch.zeros(n, dtype=torch.bool),
+        sampling_logp=torch.tensor(logp),
+    )
+
+
+def test_minibatches_and_dynamic_sampling_keep_each_rows_sampling_logp():
+    from grpo_lab.module import Rollout, _replace_groups, _select
+
+    def rollout(c: Completions) -> Rollout:
+        n = c.completion_ids.shape[0]
+        return Rollout(c, [None] * n, [""] * n, torch.zeros(n), {}, torch.zeros(n))
+
+    old = _rows([[-1.0, -1.5], [-2.0, -2.5], [-3.0, -3.5], [-4.0, -4.5]])  # 2 groups of G=2
+    fresh = _rows([[-5.0, -5.5, -5.75], [-6.0, -6.5, -6.75]])  # one group, one token longer
+    merged = _replace_groups(rollout(old), rollout(fresh), torch.tensor([False, True]), 2, 0)
+    # group 0 kept (padded with 0 to the new width, where its mask is 0), group 1 replaced
+    assert merged.completions.sampling_logp.tolist() == [
+        [-1.0, -1.5, 0.0],
+        [-2.0, -2.5, 0.0],
+        [-5.0, -5.5, -5.75],
+        [-6.0, -6.5, -6.75],
+    ]
+    assert merged.completions.completion_mask[:2, 2].tolist() == [0, 0]
+    picked = _select(merged.completions, torch.tensor([3, 0]))
+    assert picked.sampling_logp.tolist() == [[-6.0, -6.5, -6.75], [-1.0, -1.5, 0.0]]
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -227,3 +280,26 @@ def test_entropy_carries_a_gradient_only_when_asked():
     assert logp.requires_grad and not entropy.requires_grad
     _, entropy = completion_logprobs(policy.model, comp, with_entropy=True, entropy_grad=True)
     assert entropy.requires_grad
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.slow
+def test_a_training_run_logs_the_sampling_logp_gap_and_top_k_widens_it(run_cli, tracking_uri):
+    from mlflow import MlflowClient
+
+    from conftest import FAST
+
+    overrides = [o for o in FAST if not o.startswith("train.rollouts")]
+    run_cli("train", *overrides, "train.rollouts=1", "sampler.top_k=0")
+    run_cli("train", *overrides, "train.rollouts=1", "sampler.top_k=2")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name("grpo_lab")
+    runs = {r.data.params["sampler.top_k"]: r for r in client.search_runs([exp.experiment_id])}
+    full, top2 = runs["0"].data.metrics, runs["2"].data.metrics
+    mean, peak = "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max"
+    # no filter: the sampled distribution is pi_old, up to float noise
+    assert full[mean] < 1e-5 and full[peak] < 1e-4
+    # top-2 of a barely trained model drops real mass: the gap is -log(kept mass) > 0
+    assert top2[mean] > 100 * max(full[mean], 1e-6) and top2[peak] >= top2[mean]
