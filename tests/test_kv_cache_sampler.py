@@ -109,6 +109,26 @@ def test_greedy_matches_generate_on_prompts_of_different_lengths(policy):
     assert len(set(ours.completion_ids[0].tolist())) > 3
 
 
+@pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
+def test_greedy_is_a_plain_argmax_loop_over_full_forwards(policy, sampler_cls):
+    """Batched, left-padded, cached greedy decoding gives the tokens of the simplest decoder:
+    each prompt alone, a full forward per token, argmax, stop at EOS."""
+    model, tok = policy.model, policy.tokenizer
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    T = 16
+    got = sampler_cls(max_new_tokens=T).sample(model, prompt_ids, prompt_mask, 1, greedy=True)
+    for row, prompt in enumerate(PROMPTS):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        completion: list[int] = []
+        with torch.no_grad():
+            while len(completion) < T and tok.eos_token_id not in completion:
+                logits = model(input_ids=torch.tensor([ids + completion])).logits[0, -1]
+                completion.append(int(logits.argmax()))
+        padded = completion + [tok.pad_token_id] * (T - len(completion))
+        assert got.completion_ids[row].tolist() == padded, prompt
+        assert got.lengths[row] == len(completion)
+
+
 def test_top_k_one_samples_the_greedy_completion(policy):
     model, tok = policy.model, policy.tokenizer
     prompt_ids, prompt_mask = _encode(tok, PROMPTS)
@@ -313,28 +333,45 @@ def test_every_eos_id_of_the_model_ends_a_completion(policy, sampler_cls):
     assert (c.completion_ids == second).any(), "some row must end at the second EOS"
 
 
+def _first_stop(tok, ids: list[int], n: int, stop_strings: list[str]) -> int | None:
+    """Index of the token whose decoded prefix first contains a stop string (None: never)."""
+    return next(
+        (
+            t
+            for t in range(n)
+            if any(s in tok.decode(ids[: t + 1], skip_special_tokens=True) for s in stop_strings)
+        ),
+        None,
+    )
+
+
 @pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
 def test_stop_strings_end_a_completion_at_the_token_that_completes_them(policy, sampler_cls):
     model, tok = policy.model, policy.tokenizer
     prompt_ids, prompt_mask = _encode(tok, PROMPTS[:4])
     plain = KVCacheSampler(max_new_tokens=16).sample(model, prompt_ids, prompt_mask, 1, greedy=True)
+    raw = plain.completion_ids.tolist()
     texts = tok.batch_decode(plain.completion_ids, skip_special_tokens=True)
-    assert texts[:2] == ["t6'8EA8~GY]'s]'8", "OeIO%jg^^^gkep='"]
-    assert plain.truncated.tolist() == [True, True, False, True]  # row 2 ends at EOS
-    # "8E" ends row 0 at its 5th token, "g^" row 1 at its 8th; rows 2 and 3 hold neither.
-    sampler = sampler_cls(max_new_tokens=16, stop_strings=["8E", "g^"])
-    sampler.tokenizer = tok
-    c = sampler.sample(model, prompt_ids, prompt_mask, 2, greedy=True)
-    got = tok.batch_decode(c.completion_ids, skip_special_tokens=True)
-    assert got[::2] == ["t6'8E", "OeIO%jg^", texts[2], texts[3]]
-    assert c.lengths.tolist() == [5, 5, 8, 8] + plain.lengths[2:].repeat_interleave(2).tolist()
-    assert c.truncated.tolist() == [False] * 6 + [True] * 2  # stopped rows are not truncated
-    assert c.completion_ids[0, 5:].eq(tok.pad_token_id).all()
-    assert c.completion_mask[0].tolist() == [1] * 5 + [0] * (c.completion_mask.shape[1] - 5)
-    # the first stop string in the text wins, not the first in the list
-    sampler.stop_strings = ["8E", "'8"]
-    c = sampler.sample(model, prompt_ids, prompt_mask, 1, greedy=True)
-    assert tok.decode(c.completion_ids[0], skip_special_tokens=True) == "t6'8"
+    # stop strings taken from the greedy text itself: characters 4-5 of row 0, 7-8 of row 1
+    # (the char tokenizer has one token per character), listed late-first in the second case
+    for stop_strings in ([texts[0][4:6], texts[1][7:9]], [texts[0][8:10], texts[0][2:4]]):
+        sampler = sampler_cls(max_new_tokens=16, stop_strings=stop_strings)
+        sampler.tokenizer = tok
+        c = sampler.sample(model, prompt_ids, prompt_mask, 2, greedy=True)
+        for row in range(4):
+            n = int(plain.lengths[row])
+            end = _first_stop(tok, raw[row], n, stop_strings)
+            length = n if end is None else end + 1
+            for copy_ in (2 * row, 2 * row + 1):
+                assert c.completion_ids[copy_].tolist() == raw[row][:length] + [
+                    tok.pad_token_id
+                ] * (16 - length), (stop_strings, row)
+                assert c.completion_mask[copy_].tolist() == [1] * length + [0] * (16 - length)
+                # a row a stop string ended is not truncated
+                assert bool(c.truncated[copy_]) == (end is None and bool(plain.truncated[row]))
+        assert c.lengths[0] < plain.lengths[0], "row 0 must stop early for the check to bite"
+    # the second list's first string occurs later in row 0 than its second: the text decides
+    assert c.lengths[0] == 4
 
 
 def test_sampled_completions_end_at_their_first_stop_string(policy):

@@ -13,6 +13,7 @@ from grpo_lab.sampling import (
     sampling_logp_gap,
     trim_at_eos,
 )
+from grpo_lab.sampling.base import trim_at_stop_strings
 
 EOS, PAD = 2, 0
 
@@ -61,6 +62,30 @@ def test_trim_at_eos_ends_a_completion_at_the_first_of_several_eos_ids():
     assert ids.tolist() == [[5, IM_END, PAD, PAD, PAD], [5, 6, EOS, PAD, PAD], [5, 6, 7, 8, 4]]
     assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert truncated.tolist() == [False, False, True]
+
+
+def test_trim_at_stop_strings_cuts_at_the_token_that_completes_the_first_one_in_the_text():
+    tok = tiny_llama(hidden_size=32, intermediate_size=64).tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+
+    def ids(text: str, *, end: bool = False) -> list[int]:  # one token per character
+        row = tok.convert_tokens_to_ids(list(text)) + ([eos] if end else [])
+        return row + [pad] * (7 - len(row))
+
+    rows = [ids("ab8Ecdx"), ids("xg^8E"), ids("hello", end=True), ids("zzzzzzz"), ids("t6'8Eq")]
+    completion_ids = torch.tensor(rows)
+    mask = (completion_ids != pad).long()
+    truncated = torch.tensor([True, False, False, True, False])
+    out_ids, out_mask, out_truncated = trim_at_stop_strings(
+        completion_ids, mask, truncated, tok, ["8E", "g^", "'8"], pad
+    )
+    # row 0: "8E" completes at its 4th token; row 1: "g^" at the 3rd, before "8E";
+    # row 2 and 3 hold none; row 4: "'8" completes at the 4th, before "8E" (the 5th)
+    lengths = [4, 3, 6, 7, 4]
+    assert out_mask.tolist() == [[1] * n + [0] * (7 - n) for n in lengths]
+    assert out_ids.tolist() == [r[:n] + [pad] * (7 - n) for r, n in zip(rows, lengths)]
+    # a stop string ends a row: not truncated; a row with none keeps its own flag
+    assert out_truncated.tolist() == [False, False, False, True, False]
 
 
 # --------------------------------------------------------------------------- sampling vs pi_old
