@@ -137,7 +137,8 @@ class _DrawAndRecord(LogitsProcessor):
     def logp_of(self, completion_ids: Tensor) -> Tensor:
         """(N, T) log-prob of each generated token under the distribution it was drawn from.
 
-        On CUDA generate may decode one step past the end and drop it: only T steps count.
+        On some devices (mps in transformers 5.24) generate decodes one step past the end and
+        drops it; the processor saw that step too, so only the first T steps count.
         """
         T = completion_ids.shape[1]
         if len(self.drawn_logp) < T:
