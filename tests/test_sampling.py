@@ -9,6 +9,7 @@ from grpo_lab.policy import tiny_llama
 from grpo_lab.sampling import (
     Completions,
     GenerateSampler,
+    KVCacheSampler,
     completion_logprobs,
     sampling_logp_gap,
     trim_at_eos,
@@ -305,6 +306,64 @@ def test_entropy_carries_a_gradient_only_when_asked():
     assert logp.requires_grad and not entropy.requires_grad
     _, entropy = completion_logprobs(policy.model, comp, with_entropy=True, entropy_grad=True)
     assert entropy.requires_grad
+
+
+@pytest.mark.parametrize("sampler_cls", [GenerateSampler, KVCacheSampler])
+def test_the_step_logs_the_gap_of_every_row_once_over_its_real_tokens(sampler_cls):
+    """One GRPO step (mu=2, two mini-batches per pass, lr 0 so pi_old is the sampling policy)
+    logs mean and max of |log q - log pi_old| as worked out from a float64 copy: with top_k=2
+    the gap at each real token is -log of the top-2 mass."""
+    import copy
+
+    import lightning as L
+
+    from grpo_lab.data import TaskDataModule
+    from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
+    from grpo_lab.rewards.combine import RewardSet
+    from grpo_lab.tasks import ArithmeticTask
+
+    policy = tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1, seed=0)
+    model64 = copy.deepcopy(policy.model).double().eval()
+    temperature = 0.7
+    module = GRPOModule(
+        policy=policy,
+        task=ArithmeticTask(max_operand=9, eval_size=20, seed=0),
+        rewards=RewardSet(
+            {"length": lambda completions, examples, **ctx: [len(c) for c in completions]}
+        ),
+        sampler=sampler_cls(max_new_tokens=5, temperature=temperature, top_k=2),
+        algo=AlgoConfig(G=4, beta=0.0, mu=2, minibatch_size=4),
+        optim=OptimConfig(lr=0.0, total_steps=10),
+    )
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=2 * 2,  # one rollout: mu passes x (8 rows / 4 per mini-batch)
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(module, datamodule=TaskDataModule(module.task, 2, 4, 4, seed=0))
+    rollout = module.last_rollout
+    c = rollout.completions
+    gaps = []
+    for row in range(c.completion_ids.shape[0]):
+        prompt = c.prompt_ids[row][c.prompt_mask[row].bool()]
+        n = int(c.completion_mask[row].sum())
+        ids = torch.cat([prompt, c.completion_ids[row, :n]]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model64(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # (n, V)
+        top2_mass = (logits / temperature).softmax(-1).topk(2, dim=-1).values.sum(-1)
+        gaps.append(-top2_mass.log())
+    gaps = torch.cat(gaps)  # every real token of every row, once
+    stats = rollout.stats
+    assert stats["sampling/sampling_logp_difference/mean"] == pytest.approx(
+        gaps.mean().item(), abs=1e-5
+    )
+    assert stats["sampling/sampling_logp_difference/max"] == pytest.approx(
+        gaps.max().item(), abs=1e-5
+    )
+    assert gaps.max() - gaps.min() > 0.1, "gaps must differ from token to token to bite"
 
 
 # --------------------------------------------------------------------------- CLI

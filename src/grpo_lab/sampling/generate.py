@@ -65,8 +65,12 @@ class GenerateSampler(SamplingSettings):
         if self.stop_strings and self.tokenizer is None:
             raise ValueError("sampler.stop_strings needs the tokenizer: set sampler.tokenizer")
         eos, pad = eos_and_pad_ids(model)
+        neutral = dict(_NEUTRAL)
+        if greedy:
+            # generate warns about a top_k set without sampling (where it does not apply)
+            neutral.pop("top_k")
         config = GenerationConfig(
-            **_NEUTRAL,
+            **neutral,
             max_new_tokens=self.max_new_tokens,
             do_sample=not greedy,
             # generate refuses num_return_sequences > 1 without sampling; every copy of a
