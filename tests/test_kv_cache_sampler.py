@@ -281,6 +281,28 @@ def test_generate_ignores_the_sampling_settings_a_checkpoint_ships(policy, greed
     assert shipped.generation_config.repetition_penalty == 1.8
 
 
+def test_generate_ignores_the_base_models_settings_under_lora(policy):
+    """peft's generate copies the wrapper's generation_config onto the base model: the
+    checkpoint's settings stay out there too, and are back in place afterwards."""
+    pytest.importorskip("peft")
+    from grpo_lab.policy.lora import apply_lora
+
+    model, tok = policy.model, policy.tokenizer
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    sampler = GenerateSampler(max_new_tokens=16)
+    torch.manual_seed(0)
+    clean = sampler.sample(model, prompt_ids, prompt_mask, 2)
+    base = copy.deepcopy(model)
+    base.generation_config.repetition_penalty = 1.8
+    base.generation_config.suppress_tokens = [int(clean.completion_ids[0, 0])]
+    shipped = base.generation_config
+    wrapped = apply_lora(base, enabled=True)  # LoRA's B starts at 0: the base model's function
+    torch.manual_seed(0)
+    got = sampler.sample(wrapped, prompt_ids, prompt_mask, 2)
+    assert torch.equal(got.completion_ids, clean.completion_ids)
+    assert base.generation_config is shipped and "generation_config" not in vars(wrapped)
+
+
 # --------------------------------------------------------------------------- endings
 
 

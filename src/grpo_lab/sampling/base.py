@@ -22,7 +22,8 @@ class Completions:
     completion_mask: (N, T) 1 on tokens up to and including EOS
     truncated:       (N,)   True where neither EOS nor a stop string came within max_new_tokens
     sampling_logp:   (N, T) log-prob of each token under the distribution it was drawn from
-                     (after temperature and filtering), when the sampler records it; else None
+                     (after temperature and filtering), 0 on padding; None for greedy
+                     decoding (both samplers record it when they sample)
     """
 
     prompt_ids: Tensor

@@ -122,14 +122,11 @@ class _DrawAndRecord(LogitsProcessor):
 
     def __init__(self, settings: SamplingSettings) -> None:
         self.settings = settings
-        self.prompt_len: int | None = None
         self.drawn_logp: list[Tensor] = []  # T x (N,)
         self.last_logp: Tensor | None = None  # (N, V) log-probs of the latest step
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.prompt_len is None:
-            self.prompt_len = input_ids.shape[1]
-        else:
+        if self.last_logp is not None:  # input_ids now ends with the last step's token
             self._take(input_ids[:, -1])
         logits = self.settings.sampling_logits(scores)
         self.last_logp = logits.log_softmax(dim=-1)
