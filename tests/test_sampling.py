@@ -275,6 +275,21 @@ def test_greedy_sampling_is_deterministic_and_grouped_by_prompt(policy):
     assert len(per_prompt) > 1, "prompts must differ in output for the grouping check to bite"
 
 
+def test_generate_with_top_k_off_samples_from_the_whole_vocabulary(policy):
+    """top_k=0 means no top-k: a top_k left None in a GenerationConfig takes generate's
+    global default, 50, and the tiny model has 100 tokens."""
+    prompt_ids, prompt_mask = _prompts(policy.tokenizer, ["1+2="])
+    torch.manual_seed(0)
+    c = GenerateSampler(max_new_tokens=1, top_k=0).sample(
+        policy.model, prompt_ids, prompt_mask, 3000
+    )
+    probs = torch.softmax(policy.model(input_ids=prompt_ids).logits[0, -1].double(), -1)
+    # the near-uniform random model: every one of the 100 tokens has p > 0.005, so each is
+    # missed by 3000 draws with probability < 0.995^3000 = 3e-7
+    assert probs.min() > 0.005 and probs.numel() == 100
+    assert len(set(c.completion_ids[:, 0].tolist())) == 100
+
+
 @pytest.mark.parametrize(
     "kwargs, key",
     [
