@@ -16,7 +16,7 @@ from grpo_lab import objective
 from grpo_lab.policy.build import Policy, frozen_copy
 from grpo_lab.policy.lora import is_lora
 from grpo_lab.rewards.combine import RewardSet
-from grpo_lab.sampling.base import Completions, Sampler, completion_logprobs
+from grpo_lab.sampling.base import Completions, Sampler, completion_logprobs, sampling_logp_gap
 from grpo_lab.tasks.base import Example, Task
 from grpo_lab.tasks.chat import render_prompts
 
@@ -77,6 +77,8 @@ class Rollout:
     advantages:  (N,)
     old_logp:    (N, T) or None when mu == 1 (then pi_old = detached pi_theta)
     ref_logp:    (N, T) or None when beta == 0
+    sampling_gap: (N, T) |log q - log pi_old| per token (q: the sampler's distribution), NaN
+                 on rows no update has reached yet; None when the sampler records no q
     """
 
     completions: Completions
@@ -87,6 +89,7 @@ class Rollout:
     advantages: Tensor
     old_logp: Tensor | None = None
     ref_logp: Tensor | None = None
+    sampling_gap: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
 
 
@@ -384,6 +387,7 @@ class GRPOModule(L.LightningModule):
             )
             old = rollout.old_logp[chunk] if rollout.old_logp is not None else logp.detach()
             ref = rollout.ref_logp[chunk] if rollout.ref_logp is not None else None
+            self._record_sampling_gap(rollout, chunk, old)
             loss, stats = objective.grpo_loss(
                 logp,
                 old,
@@ -430,6 +434,30 @@ class GRPOModule(L.LightningModule):
             }.items():
                 sums[name] = sums.get(name, 0.0) + weight * float(value)
         return sums
+
+    def _record_sampling_gap(self, rollout: Rollout, rows: Tensor, old: Tensor) -> None:
+        """TRL's ``sampling/sampling_logp_difference/{mean,max}`` over real completion tokens.
+
+        The tokens come from the sampler's distribution q (top_k/top_p/min_p filter it) while
+        the loss's pi_old is the full softmax: the gap shows how far apart they are. pi_old is
+        the same on every pass, so each row counts once, on the first pass that reaches it.
+        """
+        c = rollout.completions
+        if c.sampling_logp is None:
+            return
+        if rollout.sampling_gap is None:
+            rollout.sampling_gap = torch.full_like(c.sampling_logp, float("nan"))
+        new = rollout.sampling_gap[rows, 0].isnan()  # (n,)
+        rows = rows[new]
+        rollout.sampling_gap[rows] = sampling_logp_gap(
+            c.sampling_logp[rows], old[new].detach(), c.completion_mask[rows]
+        )
+        if not rollout.sampling_gap[:, 0].isnan().any():  # every row reached: log it
+            gap = rollout.sampling_gap
+            rollout.stats["sampling/sampling_logp_difference/mean"] = (
+                gap.sum() / c.completion_mask.sum().clamp(min=1)
+            ).item()
+            rollout.stats["sampling/sampling_logp_difference/max"] = gap.max().item()
 
     def _clip_and_step(self, opt) -> float:
         params = [p for p in self.policy.parameters() if p.grad is not None]
@@ -492,6 +520,7 @@ def _select(c: Completions, idx: Tensor) -> Completions:
         completion_ids=c.completion_ids[idx],
         completion_mask=c.completion_mask[idx],
         truncated=c.truncated[idx],
+        sampling_logp=None if c.sampling_logp is None else c.sampling_logp[idx],
     )
 
 
@@ -526,6 +555,11 @@ def _replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: in
         fields[name] = a
     truncated = c.truncated.clone()
     truncated[rows] = n.truncated
+    sampling_logp = None
+    if c.sampling_logp is not None and n.sampling_logp is not None:
+        sampling_logp, fresh_logp = _pad_cat(c.sampling_logp, n.sampling_logp, 0, left=False)
+        sampling_logp = sampling_logp.clone()
+        sampling_logp[rows] = fresh_logp
     rewards = old.rewards.clone()
     rewards[rows] = new.rewards
     per_fn = {}
@@ -536,7 +570,7 @@ def _replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: in
     texts, examples = list(old.texts), list(old.examples)
     for j, r in enumerate(rows.tolist()):
         texts[r], examples[r] = new.texts[j], new.examples[j]
-    merged = Completions(truncated=truncated, **fields)
+    merged = Completions(truncated=truncated, sampling_logp=sampling_logp, **fields)
     return Rollout(
         completions=merged,
         examples=examples,
