@@ -153,7 +153,9 @@ def test_an_empty_reward_set_raises():
 
 def test_on_error_defaults_to_raise_and_accepts_only_raise_or_zero():
     assert RewardSet({"acc": accuracy_reward}).on_error == "raise"
-    with pytest.raises(ValueError, match=r"reward.on_error='skip' is invalid; allowed: raise, zero"):
+    with pytest.raises(
+        ValueError, match=r"reward.on_error='skip' is invalid; allowed: raise, zero"
+    ):
         RewardSet({"acc": accuracy_reward}, on_error="skip")
 
 
@@ -162,7 +164,9 @@ def test_on_error_is_checked_with_the_config_before_compute():
         good = compose("config", overrides=["reward.on_error=zero"])
         bad = compose("config", overrides=["reward.on_error=skip"])
     validate(good)
-    with pytest.raises(ConfigError, match=r"reward.on_error='skip' is invalid: expected one of raise, zero"):
+    with pytest.raises(
+        ConfigError, match=r"reward.on_error='skip' is invalid: expected one of raise, zero"
+    ):
         validate(bad)
 
 

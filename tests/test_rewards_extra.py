@@ -367,7 +367,9 @@ def test_on_error_counts_follow_the_groups_that_dynamic_sampling_keeps():
     rollout = module.make_rollout(module.task.train()[:2])
     # group 2 (all 0) is dead and replaced by the fresh group; the NaNs become 0
     assert rollout.rewards.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
-    assert rollout.stats["rewards/scripted/errors"] == 2  # one kept in group 1, one in the fresh group
+    assert (
+        rollout.stats["rewards/scripted/errors"] == 2
+    )  # one kept in group 1, one in the fresh group
 
 
 FLAKY_REWARD = """
