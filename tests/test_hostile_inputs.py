@@ -319,3 +319,18 @@ def test_model_rewards_score_a_long_completion_by_its_first_max_length_tokens(mo
         assert long_score == pytest.approx(short_score, abs=1e-6)
         (surrogate,) = reward(["\ud800 2"], [ex])  # not UTF-8: scored as "? 2"
         assert surrogate == pytest.approx(reward(["? 2"], [ex])[0], abs=1e-6)
+
+
+# ---------------------------------------------------------------- the MLflow UI binds to localhost
+
+
+def test_every_printed_and_documented_mlflow_ui_command_binds_to_localhost():
+    from conftest import ROOT
+    from grpo_lab import sweep, tracking
+
+    assert tracking.ui_command("sqlite:///mlflow.db") == (
+        "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
+    )
+    for source in (ROOT / "README.md", Path(sweep.__file__), Path(tracking.__file__)):
+        lines = [line for line in source.read_text().splitlines() if "mlflow ui --" in line]
+        assert all("--host 127.0.0.1" in line for line in lines), (source, lines)
