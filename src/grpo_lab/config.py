@@ -100,6 +100,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "policy.lora.r": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "policy.lora.alpha": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
     "policy.lora.dropout": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "reward.on_error": _choice(*schema.RewardOnError),
     "sft.steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
 }
 

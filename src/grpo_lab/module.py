@@ -79,6 +79,7 @@ class Rollout:
     ref_logp:    (N, T) or None when beta == 0
     sampling_gap: (N, T) |log q - log pi_old| per token (q: the sampler's distribution), NaN
                  on rows no update has reached yet; None when the sampler records no q
+    reward_errors: name -> (N,) bool, samples that reward.on_error=zero scored 0 (empty: raise)
     """
 
     completions: Completions
@@ -91,6 +92,7 @@ class Rollout:
     ref_logp: Tensor | None = None
     sampling_gap: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    reward_errors: dict[str, Tensor] = field(default_factory=dict)
 
 
 class GRPOModule(L.LightningModule):
@@ -304,6 +306,7 @@ class GRPOModule(L.LightningModule):
             rewards=rewards,
             per_fn=out.per_fn,
             advantages=torch.zeros_like(rewards),
+            reward_errors=out.errors,
         )
 
     def _reward_context(self, completions: Completions) -> dict[str, Any]:
@@ -334,6 +337,8 @@ class GRPOModule(L.LightningModule):
             if valid.any():
                 stats[f"rewards/{name}/mean"] = scores[valid].mean().item()
                 stats[f"rewards/{name}/std"] = scores[valid].std(unbiased=False).item()
+        for name, failed in rollout.reward_errors.items():
+            stats[f"rewards/{name}/errors"] = float(failed.sum())  # samples scored 0
         return stats
 
     def inner_updates(self, rollout: Rollout) -> dict[str, float]:
@@ -567,6 +572,11 @@ def _replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: in
         v = v.clone()
         v[rows] = new.per_fn[k]
         per_fn[k] = v
+    reward_errors = {}
+    for k, v in old.reward_errors.items():
+        v = v.clone()
+        v[rows] = new.reward_errors[k]
+        reward_errors[k] = v
     texts, examples = list(old.texts), list(old.examples)
     for j, r in enumerate(rows.tolist()):
         texts[r], examples[r] = new.texts[j], new.examples[j]
@@ -578,4 +588,5 @@ def _replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: in
         rewards=rewards,
         per_fn=per_fn,
         advantages=torch.zeros_like(rewards),
+        reward_errors=reward_errors,
     )

@@ -46,6 +46,11 @@ class RatioLevel(str, Enum):
     sequence = "sequence"
 
 
+class RewardOnError(str, Enum):
+    raise_ = "raise"
+    zero = "zero"
+
+
 class Scheduler(str, Enum):
     constant = "constant"
     cosine = "cosine"

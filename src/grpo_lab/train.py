@@ -37,7 +37,8 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def build_rewards(cfg: DictConfig) -> RewardSet:
     functions = {name: instantiate(spec) for name, spec in cfg.reward.functions.items()}
-    return RewardSet(functions, OmegaConf.to_container(cfg.reward.get("weights") or {}))
+    weights = OmegaConf.to_container(cfg.reward.get("weights") or {})
+    return RewardSet(functions, weights, on_error=cfg.reward.get("on_error", "raise"))
 
 
 def algo_config(cfg: DictConfig) -> AlgoConfig:
