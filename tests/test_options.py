@@ -94,6 +94,23 @@ def fit(module: GRPOModule, rollouts: int, prompts: int = 2) -> L.Trainer:
     return trainer
 
 
+def attach(module: GRPOModule) -> GRPOModule:
+    """Attach a real trainer, optimizer and scheduler without taking any step (max_steps=0),
+    so a test can call make_rollout / inner_updates itself on a known rollout."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=TaskDataModule(module.task, 2, 4, 4, seed=0))
+    return module
+
+
 # --------------------------------------------------------------------------- advantages
 
 EXAMPLES = ArithmeticTask(max_operand=9, eval_size=20, seed=0).train()[:2]
@@ -324,6 +341,34 @@ def test_sequence_ratio_level_uses_the_length_normalised_sequence_ratio():
 
 
 # --------------------------------------------------------------------------- training options
+
+
+@pytest.mark.parametrize(
+    "aggregation", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+)
+@pytest.mark.parametrize("micro", [1, 2])
+def test_microbatching_gives_the_same_update_as_one_backward(aggregation, micro):
+    # hand_rollout has completions of 1, 2, 3 and 5 tokens, so a wrong weight per micro-batch
+    # (per row where it should be per token, or the reverse) changes the summed gradient.
+    def one_step(*extra: str) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        module = attach(make_module("kl=none", f"loss={aggregation}", *extra, lr=1e-2))
+        rollout = hand_rollout(module)
+        with torch.no_grad():
+            logp, _ = completion_logprobs(module.policy, rollout.completions)
+        rollout.old_logp = logp - row_shift(LOG_RHO, wiggle=True)  # ratios != 1, some clipped
+        stats = module.inner_updates(rollout)
+        params = list(module.policy.parameters())
+        return [p.detach().clone() for p in params], [p.grad.clone() for p in params], stats
+
+    whole_w, whole_g, whole = one_step()
+    split_w, split_g, split = one_step(f"train.microbatch_size={micro}")
+    assert any(g.abs().sum() > 0 for g in whole_g)
+    for a, b in zip(whole_g, split_g):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    for a, b in zip(whole_w, split_w):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    for key in ("loss", "surrogate", "ratio_mean", "clip_ratio/region_mean"):
+        assert split[key] == pytest.approx(whole[key], abs=1e-6), key
 
 
 def test_mu_reuses_the_rollout_old_logprobs_for_every_minibatch_update():

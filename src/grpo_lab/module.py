@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
 from grpo_lab import objective
@@ -368,11 +369,16 @@ class GRPOModule(L.LightningModule):
             mask = mask * (~rollout.completions.truncated).long().unsqueeze(1)
         by_tokens = self.algo.aggregation == "token_mean"
         total = mask[idx].sum().clamp(min=1).item() if by_tokens else float(len(idx))
+        total_tokens = mask[idx].sum().clamp(min=1).item()
         opt.zero_grad(set_to_none=True)
         chunks = list(torch.split(idx, micro))
         sums: dict[str, float] = {}
         for i, chunk in enumerate(chunks):
             weight = (mask[chunk].sum().item() if by_tokens else float(len(chunk))) / total
+            # Token means (ratio, clip fractions, KL, entropy) combine by token count whatever
+            # the aggregation, or a micro-batch of short completions would count as much as one
+            # of long ones.
+            token_weight = mask[chunk].sum().item() / total_tokens
             sub = _select(rollout.completions, chunk)
             sub.completion_mask = mask[chunk]
             logp, entropy = completion_logprobs(
@@ -407,8 +413,15 @@ class GRPOModule(L.LightningModule):
                     "check the rewards and sampler.temperature. Checkpoints saved so far are kept."
                 )
             last = i == len(chunks) - 1
-            # Under DDP, sync gradients only on the last micro-batch of the mini-batch.
-            sync = contextlib.nullcontext() if last else self.trainer.strategy.block_backward_sync()
+            # Under DDP, sync gradients only on the last micro-batch of the mini-batch. Only a
+            # ParallelStrategy has block_backward_sync (Lightning's own loops check the same).
+            strategy = self.trainer.strategy
+            parallel = isinstance(strategy, ParallelStrategy)
+            sync = (
+                strategy.block_backward_sync()
+                if parallel and not last
+                else contextlib.nullcontext()
+            )
             with sync:
                 self.manual_backward(loss * weight)
             if ref is not None and self.algo.kl_mode == "reward":
@@ -416,11 +429,11 @@ class GRPOModule(L.LightningModule):
                     objective.kl_estimate(logp.detach(), ref, self.algo.kl_estimator),
                     sub.completion_mask,
                 )
+            # With one optimizer step per rollout the ratio is exactly 1 and this loss is ~0
+            # although its gradient is not: -A * grad log pi / |o_i| (see objective.grpo_loss).
+            for name, value in {"loss": stats.loss, "surrogate": stats.surrogate}.items():
+                sums[name] = sums.get(name, 0.0) + weight * float(value)
             for name, value in {
-                # With mu = 1 the ratio is exactly 1 and this loss is ~0 although its gradient
-                # is not: the gradient is -A * grad log pi / |o_i| (see objective.grpo_loss).
-                "loss": stats.loss,
-                "surrogate": stats.surrogate,
                 "kl": stats.kl,
                 "entropy": stats.entropy,
                 "clip_ratio/low_mean": stats.clip_low,
@@ -428,7 +441,7 @@ class GRPOModule(L.LightningModule):
                 "clip_ratio/region_mean": stats.clip_region,
                 "ratio_mean": stats.ratio_mean,
             }.items():
-                sums[name] = sums.get(name, 0.0) + weight * float(value)
+                sums[name] = sums.get(name, 0.0) + token_weight * float(value)
         return sums
 
     def _clip_and_step(self, opt) -> float:
