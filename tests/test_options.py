@@ -9,6 +9,7 @@ CLI once per combination of independent options and read the options back from M
 
 from __future__ import annotations
 
+import copy
 import math
 
 import lightning as L
@@ -18,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from conftest import FAST
+from grpo_lab import objective
 from grpo_lab.data import TaskDataModule
 from grpo_lab.module import GRPOModule, OptimConfig, Rollout
 from grpo_lab.paths import config_dir
@@ -78,11 +80,9 @@ def other_model():
 
 def fit(module: GRPOModule, rollouts: int, prompts: int = 2) -> L.Trainer:
     """Real Lightning fit for ``rollouts`` GRPO steps; leaves the trainer attached."""
-    n = prompts * G
-    mini = module.algo.minibatch_size or n
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=rollouts * module.algo.mu * (n // mini),
+        max_steps=rollouts * module.optimizer_steps_per_rollout(prompts * G),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -371,20 +371,80 @@ def test_microbatching_gives_the_same_update_as_one_backward(aggregation, micro)
         assert split[key] == pytest.approx(whole[key], abs=1e-6), key
 
 
-def test_mu_reuses_the_rollout_old_logprobs_for_every_minibatch_update():
-    module = make_module(
-        "kl=none", "mu=2", "train.minibatch_size=4", lr=1e-2, rewards=Scripted(REWARDS)
+def subset(c: Completions, idx: torch.Tensor) -> Completions:
+    return Completions(
+        prompt_ids=c.prompt_ids[idx],
+        prompt_mask=c.prompt_mask[idx],
+        completion_ids=c.completion_ids[idx],
+        completion_mask=c.completion_mask[idx],
+        truncated=c.truncated[idx],
     )
-    fit(module, rollouts=1)
-    opt = module.optimizers().optimizer
-    steps_before = opt.state[next(module.policy.parameters())]["step"].item()
+
+
+def test_later_minibatches_of_a_rollout_use_the_sampling_policy_as_pi_old():
+    # mu = 1 with 2 mini-batches of 4 of the 8 completions: two optimizer steps per rollout, so
+    # mini-batch 2 runs on a policy that has moved since sampling and must be clipped against
+    # pi_old = the sampling policy, not against itself (ratio 1).
+    module = attach(
+        make_module("kl=none", "train.minibatch_size=4", lr=1e-2, rewards=Scripted(REWARDS))
+    )
+    sampling_policy = copy.deepcopy(module.policy)
     rollout = module.make_rollout(EXAMPLES)
     with torch.no_grad():
-        logp, _ = completion_logprobs(module.policy, rollout.completions)
-    torch.testing.assert_close(rollout.old_logp, logp)  # pi_old = the sampling policy
+        pi_old, _ = completion_logprobs(sampling_policy, rollout.completions)
+    assert rollout.old_logp is not None, "two optimizer steps per rollout need pi_old log-probs"
+    torch.testing.assert_close(rollout.old_logp, pi_old)
+
+    policies = [sampling_policy]  # the policy each mini-batch's forward sees
+    opt = module.optimizers().optimizer
+    opt.register_step_post_hook(lambda *_: policies.append(copy.deepcopy(module.policy)))
+    torch.manual_seed(7)
+    order = torch.randperm(8)  # the shuffle inner_updates draws first under the same seed
+    torch.manual_seed(7)
+    stats = module.inner_updates(rollout)
+    assert len(policies) == 3  # two optimizer steps
+
+    a = module.algo
+    expected = []
+    for policy, idx in ((policies[0], order[:4]), (policies[1], order[4:])):
+        sub = subset(rollout.completions, idx)
+        with torch.no_grad():
+            logp, _ = completion_logprobs(policy, sub)
+        _, s = objective.grpo_loss(
+            logp,
+            pi_old[idx],
+            rollout.advantages[idx],
+            sub.completion_mask,
+            eps_low=a.epsilon_low,
+            eps_high=a.epsilon_high,
+            aggregation=a.aggregation,
+            max_len=MAX_NEW,
+        )
+        expected.append(s)
+    assert expected[0].ratio_mean == pytest.approx(1.0, abs=1e-6)  # on-policy first step
+    assert abs(expected[1].ratio_mean - 1.0) > 1e-3  # the policy moved: off-policy
+    for key, field in (("loss", "loss"), ("ratio_mean", "ratio_mean")):
+        want = (float(getattr(expected[0], field)) + float(getattr(expected[1], field))) / 2
+        assert stats[key] == pytest.approx(want, abs=1e-5), key
+
+
+def test_mu_reuses_the_rollout_old_logprobs_for_every_minibatch_update():
+    module = attach(
+        make_module("kl=none", "mu=2", "train.minibatch_size=4", lr=1e-2, rewards=Scripted(REWARDS))
+    )
+    sampling_policy = copy.deepcopy(module.policy)
+    opt = module.optimizers().optimizer
+    rollout = module.make_rollout(EXAMPLES)
+    with torch.no_grad():
+        pi_old, _ = completion_logprobs(sampling_policy, rollout.completions)
+    torch.testing.assert_close(rollout.old_logp, pi_old)  # pi_old = the sampling policy
     stats = module.inner_updates(rollout)
     # mu 2 passes x 2 mini-batches of 4 of the 8 completions = 4 optimizer steps
-    assert opt.state[next(module.policy.parameters())]["step"].item() - steps_before == 4
+    assert opt.state[next(module.policy.parameters())]["step"].item() == 4
+    with torch.no_grad():
+        moved, _ = completion_logprobs(module.policy, rollout.completions)
+    assert (moved - pi_old).abs().max() > 1e-3  # the policy moved ...
+    torch.testing.assert_close(rollout.old_logp, pi_old)  # ... and pi_old stayed put
     # the first update sees ratio 1, the later ones the moved policy over the same pi_old
     assert abs(stats["ratio_mean"] - 1.0) > 1e-4
 

@@ -76,7 +76,8 @@ class Rollout:
     rewards:     (N,) weighted reward
     per_fn:      name -> (N,) each reward function's scores (NaN = None)
     advantages:  (N,)
-    old_logp:    (N, T) or None when mu == 1 (then pi_old = detached pi_theta)
+    old_logp:    (N, T) log pi_old, taken before the first update; None when the rollout gets
+                 exactly one optimizer step (then pi_old = detached pi_theta, exactly)
     ref_logp:    (N, T) or None when beta == 0
     """
 
@@ -239,7 +240,9 @@ class GRPOModule(L.LightningModule):
             temperature = self.sampler.temperature
             if self.has_reference:
                 rollout.ref_logp = self._reference_logprobs(rollout.completions)
-            if self.algo.mu > 1:
+            # Every optimizer step after the first of a rollout is off-policy: it needs the
+            # sampling policy's log-probs (TRL computes them whenever the steps differ).
+            if self.optimizer_steps_per_rollout(rollout.rewards.shape[0]) > 1:
                 rollout.old_logp, _ = completion_logprobs(
                     self.policy, rollout.completions, temperature=temperature
                 )
@@ -334,12 +337,20 @@ class GRPOModule(L.LightningModule):
                 stats[f"rewards/{name}/std"] = scores[valid].std(unbiased=False).item()
         return stats
 
+    def minibatch_size(self, n: int) -> int:
+        """Completions per optimizer step for a rollout of n completions."""
+        return self.algo.minibatch_size or n
+
+    def optimizer_steps_per_rollout(self, n: int) -> int:
+        """mu x mini-batches: how many times the policy moves on one rollout of n completions."""
+        return self.algo.mu * math.ceil(n / self.minibatch_size(n))
+
     def inner_updates(self, rollout: Rollout) -> dict[str, float]:
         """mu passes over the rollout in mini-batches, one optimizer step per mini-batch."""
         opt = self.optimizers()
         sched = self.lr_schedulers()
         N = rollout.rewards.shape[0]
-        mini = self.algo.minibatch_size or N
+        mini = self.minibatch_size(N)
         micro = self.algo.microbatch_size or mini
         sums: dict[str, float] = {}
         n_updates = 0
