@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from conftest import FAST
 from grpo_lab import objective
+from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.module import GRPOModule, OptimConfig, Rollout
 from grpo_lab.paths import config_dir
@@ -426,6 +427,41 @@ def test_later_minibatches_of_a_rollout_use_the_sampling_policy_as_pi_old():
     for key, field in (("loss", "loss"), ("ratio_mean", "ratio_mean")):
         want = (float(getattr(expected[0], field)) + float(getattr(expected[1], field))) / 2
         assert stats[key] == pytest.approx(want, abs=1e-5), key
+
+
+def test_num_minibatches_splits_the_rollout_into_that_many_optimizer_steps():
+    module = attach(
+        make_module("kl=none", "train.num_minibatches=2", lr=1e-2, rewards=Scripted(REWARDS))
+    )
+    opt = module.optimizers().optimizer
+    rollout = module.make_rollout(EXAMPLES)
+    assert rollout.old_logp is not None  # 2 steps on one rollout: pi_old is needed
+    module.inner_updates(rollout)
+    # 8 completions in 2 mini-batches of 4: two optimizer steps
+    assert opt.state[next(module.policy.parameters())]["step"].item() == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.num_minibatches=2", "train.minibatch_size=4"],
+            "train.num_minibatches=2 and train.minibatch_size=4",
+        ),
+        (["train.num_minibatches=3"], "train.num_minibatches=3 is invalid: it must divide"),
+        (["train.num_minibatches=0"], "train.num_minibatches=0 is invalid: expected null or an"),
+        (
+            ["train.num_minibatches=2", "train.microbatch_size=3"],
+            "train.microbatch_size=3 is invalid: it must divide the mini-batch of 4",
+        ),
+    ],
+)
+def test_bad_num_minibatches_fails_before_compute_naming_the_keys(overrides, message):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["train.prompts_per_step=2", f"G={G}", *overrides])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
 
 
 def test_mu_reuses_the_rollout_old_logprobs_for_every_minibatch_update():

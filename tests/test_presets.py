@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from conftest import FAST
 from grpo_lab.config import validate
 from grpo_lab.paths import config_dir
-from grpo_lab.train import algo_config
+from grpo_lab.train import algo_config, optimizer_steps
 
 PRESETS = ["dapo", "dr_grpo", "grpo_paper", "gspo"]
 PAPERS = {  # arXiv id each preset must cite
@@ -54,7 +54,8 @@ EXPECTED = {
         epsilon_low=3e-4,
         epsilon_high=4e-4,
         advantage_scale="group_std",
-        minibatch_size=32,
+        minibatch_size=None,
+        num_minibatches=4,
     ),
 }
 
@@ -85,6 +86,13 @@ def test_preset_composes_to_its_paper_settings(name):
     got = algo_config(cfg)
     for field, value in EXPECTED[name].items():
         assert getattr(got, field) == pytest.approx(value), field
+
+
+@pytest.mark.parametrize(("B", "G"), [(16, 8), (4, 4), (3, 4)])
+def test_gspo_splits_any_rollout_into_four_minibatches(B, G):
+    cfg = cfg_of("experiment=gspo", f"train.prompts_per_step={B}", f"G={G}", "train.rollouts=10")
+    validate(cfg)  # B*G = 128, 16, 12: each divisible by 4, so each is a valid gspo run
+    assert optimizer_steps(cfg) == 10 * 1 * 4  # rollouts x mu x 4 mini-batches
 
 
 def test_dapo_combines_the_accuracy_format_and_overlong_rewards():

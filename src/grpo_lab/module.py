@@ -28,7 +28,8 @@ class AlgoConfig:
 
     G: completions per prompt. epsilon_low / epsilon_high: clip range of the ratio.
     beta: KL coefficient (0 = no reference model is created). mu: inner iterations per rollout.
-    minibatch_size: completions per optimizer step (divides B*G);
+    minibatch_size: completions per optimizer step (divides B*G); or num_minibatches: optimizer
+    steps per pass over the rollout (divides B*G; at most one of the two is set);
     microbatch_size: completions per forward/backward (divides minibatch_size).
     """
 
@@ -48,6 +49,7 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     mask_truncated: bool = False
     minibatch_size: int | None = None
+    num_minibatches: int | None = None
     microbatch_size: int | None = None
     max_grad_norm: float | None = 1.0
     ref_sync_every: int = 0  # refresh the reference every N rollouts (0 = never)
@@ -339,6 +341,8 @@ class GRPOModule(L.LightningModule):
 
     def minibatch_size(self, n: int) -> int:
         """Completions per optimizer step for a rollout of n completions."""
+        if self.algo.num_minibatches:
+            return n // self.algo.num_minibatches
         return self.algo.minibatch_size or n
 
     def optimizer_steps_per_rollout(self, n: int) -> int:

@@ -100,6 +100,7 @@ class TrainSchema:
     rollouts: int
     prompts_per_step: int
     minibatch_size: Optional[int]  # noqa: UP045
+    num_minibatches: Optional[int]  # noqa: UP045
     microbatch_size: Optional[int]  # noqa: UP045
     lr: float
     weight_decay: float
