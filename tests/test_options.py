@@ -22,7 +22,7 @@ from conftest import FAST
 from grpo_lab import objective
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
-from grpo_lab.module import GRPOModule, OptimConfig, Rollout
+from grpo_lab.module import GRPOModule, OptimConfig, Rollout, prompt_seed
 from grpo_lab.paths import config_dir
 from grpo_lab.policy import tiny_llama
 from grpo_lab.rewards.combine import RewardSet
@@ -533,6 +533,42 @@ def test_dynamic_sampling_replaces_zero_variance_groups_and_logs_the_drop_rate()
 
     off = make_module("kl=none", rewards=Scripted(first, fresh)).make_rollout(EXAMPLES)
     assert "dynamic_sampling/drop_rate" not in off.stats
+
+
+def test_dynamic_sampling_retries_draw_fresh_prompts_each_time():
+    module = make_module("kl=none", "train.dynamic_sampling=true")
+    draws = [module._fresh_prompts(3) for _ in range(4)]  # 4 retries, 3 dead groups each
+    # 80 training prompts: four draws of 3 agreeing by chance has probability ~1e-17
+    assert len({tuple(ex.prompt for ex in d) for d in draws}) == 4
+
+
+def test_dynamic_sampling_prompts_depend_on_the_seed():
+    seed0 = make_module("kl=none", "seed=0")._fresh_prompts(4)
+    seed1 = make_module("kl=none", "seed=1")._fresh_prompts(4)
+    assert [ex.prompt for ex in seed0] != [ex.prompt for ex in seed1]
+    again = make_module("kl=none", "seed=0")._fresh_prompts(4)
+    assert [ex.prompt for ex in again] == [ex.prompt for ex in seed0]  # reproducible
+
+
+def test_each_rank_draws_its_own_replacement_prompts():
+    seeds = {prompt_seed(seed, rank) for seed in range(3) for rank in range(4)}
+    assert len(seeds) == 12  # no two (seed, rank) pairs share a stream
+    draws = {
+        rank: torch.randint(80, (8,), generator=torch.Generator().manual_seed(prompt_seed(0, rank)))
+        for rank in (0, 1)
+    }
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_a_resumed_run_continues_the_replacement_prompt_stream():
+    module = make_module("kl=none", "train.dynamic_sampling=true")
+    module._fresh_prompts(3)
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    expected = [ex.prompt for ex in module._fresh_prompts(3)]
+    resumed = make_module("kl=none", "train.dynamic_sampling=true")
+    resumed.on_load_checkpoint(checkpoint)
+    assert [ex.prompt for ex in resumed._fresh_prompts(3)] == expected
 
 
 # --------------------------------------------------------------------------- through the CLI

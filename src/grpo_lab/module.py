@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
@@ -56,6 +57,7 @@ class AlgoConfig:
     ref_sync_mix: float = 1.0  # 1.0 = hard copy; < 1 = TR-DPO mix alpha
     dynamic_sampling: bool = False
     dynamic_sampling_max_tries: int = 4
+    seed: int = 0  # with the process rank, seeds the stream of dynamic-sampling prompts
 
 
 @dataclass
@@ -140,6 +142,7 @@ class GRPOModule(L.LightningModule):
         if self.has_reference and not lora_base_is_reference:
             self.reference = reference if reference is not None else frozen_copy(self.policy)
         self.rollouts_done = 0
+        self._prompt_gen: torch.Generator | None = None  # made on first use, once the rank is known
         self.last_rollout: Rollout | None = None  # read by tracking.CompletionTable
         self._eval_outputs: list[dict[str, float]] = []
 
@@ -169,9 +172,28 @@ class GRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["grpo_rollouts_done"] = self.rollouts_done
+        checkpoint["grpo_prompt_generator"] = {
+            "rank": self.global_rank,
+            "state": self._prompt_generator().get_state(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rollouts_done = checkpoint.get("grpo_rollouts_done", 0)
+        saved = checkpoint.get("grpo_prompt_generator")
+        self._prompt_gen = torch.Generator()
+        if saved is not None and saved["rank"] == self.global_rank:
+            self._prompt_gen.set_state(saved["state"])
+        else:
+            # Only one rank writes the checkpoint: the others start a stream of their own that
+            # depends on how far the run got, so they do not replay their first prompts.
+            seed = prompt_seed(self.algo.seed, self.global_rank, self.rollouts_done)
+            self._prompt_gen.manual_seed(seed)
+
+    def _prompt_generator(self) -> torch.Generator:
+        if self._prompt_gen is None:
+            seed = prompt_seed(self.algo.seed, self.global_rank)
+            self._prompt_gen = torch.Generator().manual_seed(seed)
+        return self._prompt_gen
 
     def _encode_prompts(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids and mask (B, P), rendered as SFT and eval render them."""
@@ -279,9 +301,10 @@ class GRPOModule(L.LightningModule):
         return logp
 
     def _fresh_prompts(self, n_groups: int) -> list[Example]:
+        """n_groups training prompts for dynamic sampling, from this process's own stream."""
         pool = self.task.train()
-        gen = torch.Generator().manual_seed(self.rollouts_done * 7919 + n_groups)
-        return [pool[i] for i in torch.randint(len(pool), (n_groups,), generator=gen).tolist()]
+        picks = torch.randint(len(pool), (n_groups,), generator=self._prompt_generator())
+        return [pool[i] for i in picks.tolist()]
 
     def _advantages(self, rewards: Tensor) -> Tensor:
         return objective.group_advantages(
@@ -511,6 +534,14 @@ class GRPOModule(L.LightningModule):
             on_epoch=True,
             batch_size=n,
         )
+
+
+def prompt_seed(seed: int, rank: int, resumed_at: int = 0) -> int:
+    """Seed of one process's dynamic-sampling prompt stream: distinct for each (seed, rank), so
+    two runs with different seeds, or two ranks of one run, draw different replacement prompts.
+    resumed_at: the rollout a rank without a saved stream resumes at (0 on a fresh start)."""
+    entropy = [seed % 2**64, rank, resumed_at]  # SeedSequence takes non-negative integers
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
 def _select(c: Completions, idx: Tensor) -> Completions:

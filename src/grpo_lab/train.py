@@ -80,6 +80,7 @@ def algo_config(cfg: DictConfig) -> AlgoConfig:
         ref_sync_mix=cfg.train.ref_sync_mix,
         dynamic_sampling=cfg.train.dynamic_sampling,
         dynamic_sampling_max_tries=cfg.train.dynamic_sampling_max_tries,
+        seed=cfg.seed,
     )
 
 
