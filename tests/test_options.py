@@ -571,6 +571,72 @@ def test_a_resumed_run_continues_the_replacement_prompt_stream():
     assert [ex.prompt for ex in resumed._fresh_prompts(3)] == expected
 
 
+def nan_gradient_on(param: torch.nn.Parameter):
+    """Fault injection: the gradient of ``param`` becomes NaN in every backward (the loss stays
+    finite), as 0 x inf on a padding token would make it."""
+    return param.register_hook(lambda grad: torch.full_like(grad, math.nan))
+
+
+def test_a_nan_gradient_skips_the_step_and_counts_it():
+    module = attach(make_module("kl=none", lr=1e-2, rewards=Scripted(REWARDS)))
+    params = list(module.policy.parameters())
+    opt = module.optimizers().optimizer
+    module.inner_updates(module.make_rollout(EXAMPLES))  # one good step: Adam has state
+    weights = [p.detach().clone() for p in params]
+    adam = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    hook = nan_gradient_on(params[-1])
+    stats = module.inner_updates(module.make_rollout(EXAMPLES))
+    assert math.isfinite(stats["loss"])  # the loss alone would not have caught it
+    assert (stats["skipped_steps"], stats["skipped_steps_total"]) == (1.0, 1.0)
+    for w, p in zip(weights, params):
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=0)
+    for state, p in zip(adam, params):
+        for k, v in state.items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=0, atol=0)
+    hook.remove()
+    stats = module.inner_updates(module.make_rollout(EXAMPLES))
+    assert (stats["skipped_steps"], stats["skipped_steps_total"]) == (0.0, 1.0)
+    assert not torch.equal(params[0].detach(), weights[0])  # a finite gradient steps again
+
+
+def test_consecutive_nan_gradients_stop_the_run_with_what_to_try():
+    module = make_module(
+        "kl=none", "train.max_consecutive_skipped_steps=3", lr=1e-2, rewards=Scripted(REWARDS)
+    )
+    nan_gradient_on(next(module.policy.parameters()))
+    with pytest.raises(FloatingPointError) as err:
+        fit(module, rollouts=5)
+    message = str(err.value)
+    assert "3 optimizer steps in a row" in message and "rollout 3" in message
+    assert "train.lr" in message and "checkpoints" in message.lower()
+    assert module.rollouts_done == 2  # stopped in the third rollout, not after five
+
+
+def test_a_finite_step_resets_the_consecutive_skip_count():
+    module = attach(
+        make_module(
+            "kl=none", "train.max_consecutive_skipped_steps=2", lr=1e-2, rewards=Scripted(REWARDS)
+        )
+    )
+    param = next(module.policy.parameters())
+    for _ in range(2):
+        hook = nan_gradient_on(param)
+        module.inner_updates(module.make_rollout(EXAMPLES))  # 1 skip: below the limit of 2
+        hook.remove()
+        module.inner_updates(module.make_rollout(EXAMPLES))  # a good step in between
+    hook = nan_gradient_on(param)
+    module.inner_updates(module.make_rollout(EXAMPLES))
+    with pytest.raises(FloatingPointError, match="2 optimizer steps in a row"):
+        module.inner_updates(module.make_rollout(EXAMPLES))
+
+
+def test_max_consecutive_skipped_steps_must_be_at_least_one():
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["train.max_consecutive_skipped_steps=0"])
+    with pytest.raises(ConfigError, match=r"train.max_consecutive_skipped_steps=0 is invalid"):
+        validate(cfg)
+
+
 # --------------------------------------------------------------------------- through the CLI
 
 

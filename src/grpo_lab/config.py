@@ -79,6 +79,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_grad_norm": _rule(
         lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0"
     ),
+    "train.max_consecutive_skipped_steps": _rule(
+        lambda v: _is_int(v) and v >= 1,
+        "an integer >= 1 (optimizer steps with a non-finite gradient in a row before the run stops)",
+    ),
     "train.scheduler": _choice(*schema.Scheduler),
     "train.warmup_steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "train.eval_every": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),

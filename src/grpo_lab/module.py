@@ -53,6 +53,7 @@ class AlgoConfig:
     num_minibatches: int | None = None
     microbatch_size: int | None = None
     max_grad_norm: float | None = 1.0
+    max_consecutive_skipped_steps: int = 3  # non-finite gradients in a row before the run stops
     ref_sync_every: int = 0  # refresh the reference every N rollouts (0 = never)
     ref_sync_mix: float = 1.0  # 1.0 = hard copy; < 1 = TR-DPO mix alpha
     dynamic_sampling: bool = False
@@ -142,6 +143,8 @@ class GRPOModule(L.LightningModule):
         if self.has_reference and not lora_base_is_reference:
             self.reference = reference if reference is not None else frozen_copy(self.policy)
         self.rollouts_done = 0
+        self.skipped_steps_total = 0  # optimizer steps skipped for a non-finite gradient
+        self.consecutive_skipped_steps = 0
         self._prompt_gen: torch.Generator | None = None  # made on first use, once the rank is known
         self.last_rollout: Rollout | None = None  # read by tracking.CompletionTable
         self._eval_outputs: list[dict[str, float]] = []
@@ -172,6 +175,7 @@ class GRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["grpo_rollouts_done"] = self.rollouts_done
+        checkpoint["grpo_skipped_steps_total"] = self.skipped_steps_total
         checkpoint["grpo_prompt_generator"] = {
             "rank": self.global_rank,
             "state": self._prompt_generator().get_state(),
@@ -179,6 +183,7 @@ class GRPOModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rollouts_done = checkpoint.get("grpo_rollouts_done", 0)
+        self.skipped_steps_total = checkpoint.get("grpo_skipped_steps_total", 0)
         saved = checkpoint.get("grpo_prompt_generator")
         self._prompt_gen = torch.Generator()
         if saved is not None and saved["rank"] == self.global_rank:
@@ -380,7 +385,8 @@ class GRPOModule(L.LightningModule):
         mini = self.minibatch_size(N)
         micro = self.algo.microbatch_size or mini
         sums: dict[str, float] = {}
-        n_updates = 0
+        n_updates = skipped = 0
+        grad_norms: list[float] = []
         for _ in range(self.algo.mu):
             order = (
                 torch.randperm(N, device=self.device)
@@ -391,12 +397,19 @@ class GRPOModule(L.LightningModule):
                 idx = order[start : start + mini]
                 stats = self._minibatch_step(rollout, idx, micro, opt)
                 grad_norm = self._clip_and_step(opt)
+                # The schedule follows planned updates (global_step), skipped ones included.
                 sched.step()
-                stats["grad_norm"] = grad_norm
+                if math.isfinite(grad_norm):
+                    grad_norms.append(grad_norm)
+                else:
+                    skipped += 1
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
         out = {k: v / n_updates for k, v in sums.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        out["skipped_steps"] = float(skipped)
+        out["skipped_steps_total"] = float(self.skipped_steps_total)
         out["lr"] = sched.get_last_lr()[0]
         return out
 
@@ -483,16 +496,43 @@ class GRPOModule(L.LightningModule):
         return sums
 
     def _clip_and_step(self, opt) -> float:
+        """Clip and apply the accumulated gradient; skip the update when its norm is not finite.
+
+        Returns the gradient norm before clipping (inf or NaN for a skipped step).
+        """
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = (
             torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
         )
+        if not torch.isfinite(grad_norm):
+            self._skip_step(opt, float(grad_norm))
+            return float(grad_norm)
+        self.consecutive_skipped_steps = 0
         if self.algo.max_grad_norm:
             self.clip_gradients(
                 opt, gradient_clip_val=self.algo.max_grad_norm, gradient_clip_algorithm="norm"
             )
         opt.step()
         return float(grad_norm)
+
+    def _skip_step(self, opt, grad_norm: float) -> None:
+        """A finite loss can carry a NaN or inf gradient (0 x inf in a backward); applying it
+        would ruin the weights and Adam's moments for good. With every grad None, AdamW leaves
+        weights and state untouched, while opt.step() still counts in Lightning's global_step,
+        so max_steps and checkpoint names keep counting planned updates."""
+        opt.zero_grad(set_to_none=True)
+        opt.step()
+        self.skipped_steps_total += 1
+        self.consecutive_skipped_steps += 1
+        limit = self.algo.max_consecutive_skipped_steps
+        if self.consecutive_skipped_steps >= limit:
+            raise FloatingPointError(
+                f"{self.consecutive_skipped_steps} optimizer steps in a row had a non-finite "
+                f"gradient norm ({grad_norm}), the last at rollout {self.rollouts_done + 1}; "
+                "each was skipped, and train.max_consecutive_skipped_steps="
+                f"{limit} stops the run here. Try a lower train.lr, train.max_grad_norm, or check "
+                "the rewards and sampler.temperature. Checkpoints saved so far are kept."
+            )
 
     def _maybe_refresh_reference(self) -> None:
         every = self.algo.ref_sync_every

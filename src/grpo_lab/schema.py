@@ -107,6 +107,7 @@ class TrainSchema:
     warmup_steps: int
     scheduler: Scheduler
     max_grad_norm: Optional[float]  # noqa: UP045
+    max_consecutive_skipped_steps: int
     eval_every: int
     eval_size: int
     ref_sync_every: int

@@ -76,6 +76,7 @@ def algo_config(cfg: DictConfig) -> AlgoConfig:
         num_minibatches=cfg.train.num_minibatches,
         microbatch_size=cfg.train.microbatch_size,
         max_grad_norm=cfg.train.max_grad_norm,
+        max_consecutive_skipped_steps=cfg.train.max_consecutive_skipped_steps,
         ref_sync_every=cfg.train.ref_sync_every,
         ref_sync_mix=cfg.train.ref_sync_mix,
         dynamic_sampling=cfg.train.dynamic_sampling,
