@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -706,3 +708,44 @@ def test_cli_k2_reward_mode_batch_std_sum_norm_mu2_ref_sync_dynamic_sampling(
     # completions = 8 optimizer steps (the checkpoint names carry trainer.global_step)
     ckpts = sorted(p.name for p in tmp_path.rglob("rollout-*.ckpt"))
     assert "rollout-step=8.ckpt" in ckpts, ckpts
+
+
+@pytest.mark.slow
+def test_cli_mu2_minibatches_and_microbatches_clip_against_the_sampling_policy(
+    run_cli, tracking_uri, tmp_path
+):
+    # As a user would: mu 2 over 2 mini-batches of 8 of the 16 completions, each in 4
+    # micro-batches of 2, on one CPU device. A varying reward so that every update moves.
+    tests_dir = str(Path(__file__).parent)  # signal_rewards.py
+    run_cli(
+        "train",
+        *fast("train.rollouts"),
+        "train.rollouts=2",
+        "mu=2",
+        "train.num_minibatches=2",
+        "train.microbatch_size=2",
+        "reward=custom",
+        "reward.functions.custom._target_=signal_rewards.text_checksum",
+        "train.lr=1e-2",
+        "train.warmup_steps=0",
+        env={
+            "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+        },
+    )
+    client, run = run_of(tracking_uri)
+    p = run.data.params
+    assert (p["mu"], p["train.num_minibatches"], p["train.microbatch_size"]) == ("2", "2", "2")
+    # 2 rollouts x mu 2 x 2 mini-batches = 8 optimizer steps, none skipped
+    ckpts = sorted(c.name for c in tmp_path.rglob("rollout-*.ckpt"))
+    assert "rollout-step=8.ckpt" in ckpts, ckpts
+    history = {
+        key: [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        for key in ("ratio_mean", "clip_ratio/region_mean", "grad_norm", "skipped_steps_total")
+    }
+    assert history["skipped_steps_total"] == [0.0, 0.0]
+    assert all(g > 0 for g in history["grad_norm"])
+    # Steps 2-4 of each rollout run on a policy that moved since sampling: the mean ratio leaves
+    # 1 (it would be exactly 1 were pi_old the current policy), and lr 1e-2 moves it past 1 +- 0.2
+    # somewhere (clip_ratio counts a token only where the clip removed its gradient).
+    assert all(abs(r - 1.0) > 1e-3 for r in history["ratio_mean"]), history["ratio_mean"]
+    assert max(history["clip_ratio/region_mean"]) > 0.0, history["clip_ratio/region_mean"]
