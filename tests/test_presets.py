@@ -189,7 +189,20 @@ def test_preset_trains_one_rollout_through_the_cli(name, run_cli, tracking_uri, 
         assert metric in run.data.metrics, metric
     if name != "grpo_paper":  # kl=none: no reference model, so the logged KL is exactly 0
         assert run.data.metrics.get("kl", 0.0) == 0.0
-    assert run.data.metrics["skipped_steps_total"] == 0.0
+    m = run.data.metrics
+    assert m["skipped_steps_total"] == 0.0
+    if name != "gspo":
+        # One optimizer step per rollout: pi_old is the current policy, exactly, so the ratio is
+        # exactly 1 and nothing is clipped.
+        assert (m["ratio_mean"], m["clip_ratio/region_mean"]) == (1.0, 0.0)
+    if name == "grpo_paper":
+        assert m["kl"] == 0.0  # the step's policy is still pi_ref: k3 = e^0 - 0 - 1 = 0
+        # seq-mean of -A_i with A normalised within each group: 0 up to rounding
+        assert abs(m["loss"]) < 1e-5
+    if name == "dapo":
+        assert 0.0 <= m["dynamic_sampling/drop_rate"] <= 1.0
+        assert 1.0 <= m["dynamic_sampling/tries"] <= 4.0  # train.dynamic_sampling_max_tries
+        assert -1.0 <= m["rewards/overlong/mean"] <= 0.0  # DAPO eq. 13 lies in [-1, 0]
     if name == "gspo":
         # B*G = 16 in 4 mini-batches of 4: 4 optimizer steps on the one rollout ...
         ckpts = sorted(p.name for p in tmp_path.rglob("rollout-*.ckpt"))
@@ -197,7 +210,6 @@ def test_preset_trains_one_rollout_through_the_cli(name, run_cli, tracking_uri, 
         # ... and mini-batches 2-4 run on a moved policy against pi_old = the sampling policy:
         # the sequence ratio leaves 1 and its narrow clip range bites. (Were pi_old the current
         # policy, ratio_mean would be exactly 1 and nothing clipped.)
-        m = run.data.metrics
         assert m["grad_norm"] > 0
         assert m["ratio_mean"] != 1.0
         assert m["clip_ratio/region_mean"] > 0.0
