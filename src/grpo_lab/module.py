@@ -504,7 +504,10 @@ class GRPOModule(L.LightningModule):
         grad_norm = (
             torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
         )
-        if not torch.isfinite(grad_norm):
+        # Under fp16 mixed precision the GradScaler overflows on purpose and skips those steps
+        # itself (opt.step with no gradient at all would trip its bookkeeping).
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not torch.isfinite(grad_norm) and scaler is None:
             self._skip_step(opt, float(grad_norm))
             return float(grad_norm)
         self.consecutive_skipped_steps = 0
