@@ -533,8 +533,8 @@ class GRPOModule(L.LightningModule):
                 f"{self.consecutive_skipped_steps} optimizer steps in a row had a non-finite "
                 f"gradient norm ({grad_norm}), the last at rollout {self.rollouts_done + 1}; "
                 "each was skipped, and train.max_consecutive_skipped_steps="
-                f"{limit} stops the run here. Try a lower train.lr, train.max_grad_norm, or check "
-                "the rewards and sampler.temperature. Checkpoints saved so far are kept."
+                f"{limit} stops the run here. Try a lower train.lr, or check the rewards, "
+                "sampler.temperature and the policy's dtype. Checkpoints saved so far are kept."
             )
 
     def _maybe_refresh_reference(self) -> None:
