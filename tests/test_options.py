@@ -431,6 +431,24 @@ def test_later_minibatches_of_a_rollout_use_the_sampling_policy_as_pi_old():
         assert stats[key] == pytest.approx(want, abs=1e-5), key
 
 
+def test_pi_old_and_pi_ref_log_probs_are_computed_in_micro_batches_to_the_same_values():
+    ref = other_model()
+    module = make_module(
+        "kl=k1",
+        "train.minibatch_size=4",
+        "train.microbatch_size=2",
+        rewards=Scripted(REWARDS),
+        reference=ref,
+    )
+    sampling_policy = copy.deepcopy(module.policy)
+    rollout = module.make_rollout(EXAMPLES)
+    with torch.no_grad():  # one forward over all 8 rows, as a reference
+        pi_old, _ = completion_logprobs(sampling_policy, rollout.completions)
+        pi_ref, _ = completion_logprobs(ref, rollout.completions)
+    torch.testing.assert_close(rollout.old_logp, pi_old)
+    torch.testing.assert_close(rollout.ref_logp, pi_ref)
+
+
 def test_num_minibatches_splits_the_rollout_into_that_many_optimizer_steps():
     module = attach(
         make_module("kl=none", "train.num_minibatches=2", lr=1e-2, rewards=Scripted(REWARDS))

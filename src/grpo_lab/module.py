@@ -266,22 +266,17 @@ class GRPOModule(L.LightningModule):
                 rollout.stats["dynamic_sampling/drop_rate"] = drop_rate
                 rollout.stats["dynamic_sampling/tries"] = float(tries)
 
-            temperature = self.sampler.temperature
             if self.has_reference:
                 rollout.ref_logp = self._reference_logprobs(rollout.completions)
             # Every optimizer step after the first of a rollout is off-policy: it needs the
             # sampling policy's log-probs (TRL computes them whenever the steps differ).
             if self.optimizer_steps_per_rollout(rollout.rewards.shape[0]) > 1:
-                rollout.old_logp, _ = completion_logprobs(
-                    self.policy, rollout.completions, temperature=temperature
-                )
+                rollout.old_logp = self._rollout_logprobs(self.policy, rollout.completions)
             rewards = rollout.rewards
             if self.algo.kl_mode == "reward" and self.has_reference:
                 logp = rollout.old_logp
                 if logp is None:
-                    logp, _ = completion_logprobs(
-                        self.policy, rollout.completions, temperature=temperature
-                    )
+                    logp = self._rollout_logprobs(self.policy, rollout.completions)
                 rewards = objective.kl_penalised_rewards(
                     rewards,
                     logp,
@@ -302,8 +297,21 @@ class GRPOModule(L.LightningModule):
         else:
             model, base = self.policy, self.policy.disable_adapter()
         with base:
-            logp, _ = completion_logprobs(model, completions, temperature=self.sampler.temperature)
-        return logp
+            return self._rollout_logprobs(model, completions)
+
+    def _rollout_logprobs(self, model: torch.nn.Module, completions: Completions) -> Tensor:
+        """log pi (N, T) of a whole rollout, no grad, in chunks of the micro-batch size: a forward
+        holds logits (rows, T, V), and micro-batching is there because B*G rows of them do not fit."""
+        n = completions.completion_ids.shape[0]
+        size = self.algo.microbatch_size or self.minibatch_size(n)
+        rows = torch.arange(n, device=completions.completion_ids.device)
+        parts = [
+            completion_logprobs(
+                model, _select(completions, idx), temperature=self.sampler.temperature
+            )[0]
+            for idx in rows.split(size)
+        ]
+        return torch.cat(parts)
 
     def _fresh_prompts(self, n_groups: int) -> list[Example]:
         """n_groups training prompts for dynamic sampling, from this process's own stream."""
