@@ -16,12 +16,13 @@ def apply_lora(
     enabled: bool = False,
     r: int = 8,
     alpha: float = 16,
-    dropout: float = 0.0,
     target_modules: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
 ) -> nn.Module:
     """The model wrapped with LoRA adapters (``policy.lora.*``), or the model as is when disabled.
 
-    Only the adapter weights require grad afterwards; the base weights are frozen.
+    Only the adapter weights require grad afterwards; the base weights are frozen. There is no
+    dropout argument: GRPOModule keeps the policy in eval mode (pi_old, pi_theta and pi_ref must
+    be the same function of the weights), so LoRA dropout would never apply.
     """
     if not enabled:
         return model
@@ -36,7 +37,7 @@ def apply_lora(
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
-        lora_dropout=dropout,
+        lora_dropout=0.0,
         target_modules=list(target_modules),
         task_type="CAUSAL_LM",
     )
