@@ -132,6 +132,7 @@ def test_bad_config_fails_before_any_compute_through_the_cli(run_cli, tmp_path, 
         "invalid config:\n"
         "  G=1 is invalid: expected an integer >= 2 (a group needs two completions to compare)\n"
         "  epsilon=2 is invalid: expected a number in (0, 1)\n"
+        "  loss.epsilon_low=2 is invalid: expected a number in (0, 1)\n"  # it follows ${epsilon}
     )
     # nothing was trained: no warm start cached, no checkpoint written
     assert not list(tmp_path.glob("outputs/**/*.ckpt"))
