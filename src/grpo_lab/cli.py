@@ -91,9 +91,10 @@ def _hydra_app(command: str):
 
         validate(cfg)
         if command == "sft" and not (cfg.sft.enabled and cfg.sft.steps):
+            enabled = str(cfg.sft.enabled).lower()
             raise ConfigError(
-                f"invalid config:\n  sft.enabled={cfg.sft.enabled} sft.steps={cfg.sft.steps}: "
-                "there is no warm start to train (grpo-lab sft needs sft.enabled=true, sft.steps >= 1)"
+                f"invalid config:\n  sft.enabled={enabled}, sft.steps={cfg.sft.steps}: grpo-lab sft "
+                "has no warm start to train (it needs sft.enabled=true and sft.steps >= 1)"
             )
         from grpo_lab.train import silence_noise
 

@@ -106,12 +106,17 @@ def _num(**kw: Any) -> Bound:
     return Bound(integer=False, **kw)
 
 
+def _rule(ok: Callable[[Any], bool], allowed: str) -> Rule:
+    """A key whose rule is not a range: a predicate and what it allows, in words."""
+    return Rule(ok, allowed)
+
+
 def _choice(*options: str | Enum) -> Rule:
     names = tuple(o.value if isinstance(o, Enum) else o for o in options)
-    return Rule(lambda v: v in names, "one of " + ", ".join(names))
+    return _rule(lambda v: v in names, "one of " + ", ".join(names))
 
 
-_BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
+_BOOL = _rule(lambda v: isinstance(v, bool), "true or false")
 _SEED = _int(ge=0, le=2**32 - 1)  # numpy's and Lightning's seed range
 _FRACTION = _num(ge=0, le=1)
 
@@ -178,7 +183,7 @@ RULES: dict[str, Rule | Bound] = {
     "policy.max_position_embeddings": _int(ge=1),
     "policy.seed": _SEED,
     "policy.trust_remote_code": _BOOL,
-    "policy.use_chat_template": Rule(lambda v: v in ("auto", True, False), "auto, true or false"),
+    "policy.use_chat_template": _rule(lambda v: v in ("auto", True, False), "auto, true or false"),
     "policy.lora.enabled": _BOOL,
     "policy.lora.r": _int(ge=1),
     "policy.lora.alpha": _num(gt=0),
@@ -209,7 +214,7 @@ RULES: dict[str, Rule | Bound] = {
     "reward.functions.*.batch_size": _int(ge=1),
     "reward.functions.*.local_files_only": _BOOL,
     # trainer.* (lightning.Trainer)
-    "trainer.devices": Rule(
+    "trainer.devices": _rule(
         lambda v: (_is_int(v) and (v >= 1 or v == -1)) or isinstance(v, str) or _is_list(v),
         "an integer >= 1, -1 (all), auto, or a list of device indices",
     ),
