@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -176,6 +177,16 @@ def test_lora_dropout_on_the_command_line_says_why_it_is_gone(run_cli):
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "policy.lora.dropout is no longer an option" in proc.stderr
         assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_run_and_sweep_dirs_end_in_a_token_drawn_once_per_process():
+    import grpo_lab.cli  # noqa: F401  (registers the grpo_lab_run_id resolver, as the CLI does)
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    run_dir, sweep_dir = cfg.hydra.run.dir, cfg.hydra.sweep.dir
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]{6}", run_dir), run_dir
+    assert sweep_dir.startswith("multirun/") and sweep_dir[-6:] == run_dir[-6:]
 
 
 @pytest.mark.slow
