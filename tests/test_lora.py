@@ -14,7 +14,7 @@ from grpo_lab.rewards.combine import RewardSet
 from grpo_lab.sampling import KVCacheSampler, completion_logprobs
 from grpo_lab.tasks import ArithmeticTask
 
-LORA = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 G = 4
 
 

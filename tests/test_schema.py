@@ -334,3 +334,12 @@ def test_lora_dropout_is_a_clear_error_not_a_silent_no_op():
     msg = errors_of("+policy.lora.dropout=0.1")
     assert "policy.lora.dropout is no longer an option: LoRA dropout never applied" in msg
     assert "dropout" not in OmegaConf.to_yaml(cfg_of("policy=pretrained", "policy.name_or_path=x"))
+
+
+def test_lora_dropout_from_an_older_runs_config_loads_only_as_zero():
+    from grpo_lab.policy import tiny_llama
+
+    old = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj"]}
+    tiny_llama(hidden_size=32, intermediate_size=64, lora={**old, "dropout": 0.0})
+    with pytest.raises(ValueError, match=r"policy.lora.dropout=0.1 is not supported"):
+        tiny_llama(hidden_size=32, intermediate_size=64, lora={**old, "dropout": 0.1})

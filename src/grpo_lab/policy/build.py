@@ -73,7 +73,7 @@ def tiny_llama(
 
     init_from: a directory written by ``Policy.save`` (e.g. the SFT warm start); when given,
     the weights and tokenizer are loaded from there instead of initialised.
-    lora: ``apply_lora`` keywords (``enabled``, ``r``, ``alpha``, ``target_modules``).
+    lora: ``apply_lora`` keywords (``enabled``, ``r``, ``alpha``, ``dropout``, ``target_modules``).
     """
     if init_from:
         return load_pretrained(init_from, lora=lora, use_chat_template=use_chat_template)

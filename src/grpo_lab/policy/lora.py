@@ -16,14 +16,21 @@ def apply_lora(
     enabled: bool = False,
     r: int = 8,
     alpha: float = 16,
+    dropout: float = 0.0,
     target_modules: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
 ) -> nn.Module:
     """The model wrapped with LoRA adapters (``policy.lora.*``), or the model as is when disabled.
 
-    Only the adapter weights require grad afterwards; the base weights are frozen. There is no
-    dropout argument: GRPOModule keeps the policy in eval mode (pi_old, pi_theta and pi_ref must
-    be the same function of the weights), so LoRA dropout would never apply.
+    Only the adapter weights require grad afterwards; the base weights are frozen.
+    dropout: 0 only. GRPOModule keeps the policy in eval mode (pi_old, pi_theta and pi_ref must be
+    the same function of the weights), so LoRA dropout would never apply; 0 is still accepted
+    because the saved configs of runs from before the key was removed hold it.
     """
+    if dropout:
+        raise ValueError(
+            f"policy.lora.dropout={dropout} is not supported: LoRA dropout never applies, "
+            "the policy stays in eval mode so that pi_old == pi_theta"
+        )
     if not enabled:
         return model
     try:
