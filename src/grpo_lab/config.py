@@ -375,8 +375,8 @@ def cross_errors(cfg: Mapping) -> list[str]:
 
     B, G = value("train.prompts_per_step"), value("G")
     mini, micro = value("train.minibatch_size"), value("train.microbatch_size")
-    if _is_int(B) and _is_int(G):
     parts = value("train.num_minibatches")
+    if _is_int(B) and _is_int(G):
         n = B * G
         if mini is not None and parts is not None:
             errors.append(
