@@ -22,7 +22,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from grpo_lab.config import validate
+from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.instantiate import instantiate
 from grpo_lab.module import GRPOModule, Rollout
@@ -491,3 +491,15 @@ def test_sft_enabled_and_steps_decide_whether_grpo_starts_from_a_warm_start(tmp_
         weights = policy.model.state_dict()
         moved = any(not torch.equal(weights[n], w) for n, w in init.items())
         assert (path is not None, moved) == (warm, warm), overrides
+
+
+def test_lora_dropout_above_zero_is_refused_because_the_step_runs_without_dropout():
+    # The policy stays in eval mode for good (module.py: pi_old, pi_theta and pi_ref must be
+    # one function of the weights), so a LoRA dropout would never act: the gradient of a step
+    # with dropout 0.5 equalled the one with 0 bit for bit. Saying so beats ignoring it.
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[*BASE, *LORA_ON, "policy.lora.dropout=0.5"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "policy.lora.dropout=0.5 is invalid: expected 0" in str(err.value)
+    validate(cfg_of(*LORA_ON, "policy.lora.dropout=0"))

@@ -99,7 +99,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "policy.lora.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
     "policy.lora.r": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "policy.lora.alpha": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "policy.lora.dropout": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    # The policy is held in eval mode (module.py), so a LoRA dropout would silently not act.
+    "policy.lora.dropout": _rule(
+        lambda v: _is_num(v) and v == 0,
+        "0 (GRPO runs with dropout off, so that pi_old, pi_theta and pi_ref are one function "
+        "of the weights)",
+    ),
     "sft.steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
 }
 
