@@ -74,13 +74,14 @@ def module_of(*overrides: str, rewards=None) -> GRPOModule:
 # --------------------------------------------------------------------------- the fixed rollout
 
 LENGTHS = [1, 2, 3, MAX_NEW]  # the last hits max_new_tokens with no EOS: truncated
-ADV = [2.0, -1.0, 0.5, 1.0]
-# log(pi_theta / pi_old) per token, chosen against the clip ranges the tests use:
+ADV = [2.0, 0.5, -1.0, 1.0]
+# pi_theta / pi_old per token, chosen against the clip ranges the tests use:
 #   row 0 (A=2):   1.5                      above every 1+eps_high: clipped
-#   row 1 (A=-1):  0.75, 5.0                0.75 < 1-0.2 clipped, > 1-0.3 not; 5.0 only by dual clip
-#   row 2 (A=.5):  1.05, 1.25, 0.5          1.25 clipped by eps 0.2, not by 0.28; 0.5 never (A>0)
-#   row 3 (A=1):   1, 1.15, 0.9, 1.3, 0.7   1.15 clipped by eps 0.1 only; 1.3 by 0.2 and 0.28
-RHO = [[1.5], [0.75, 5.0], [1.05, 1.25, 0.5], [1.0, 1.15, 0.9, 1.3, 0.7]]
+#   row 1 (A=.5):  1.25, 0.5                1.25 clipped by eps 0.2, not by 0.28; 0.5 never (A>0)
+#   row 2 (A=-1):  0.75, 0.85, 5.0          0.85 clipped by eps 0.1 only; 0.75 by 0.1 and 0.2,
+#                                           not by eps_low 0.3; 5.0 only by the dual clip
+#   row 3 (A=1):   1, 1.15, 0.9, 1.3, 0.7   1.15 clipped by eps 0.1 only; 1.3 by 0.1, 0.2, 0.28
+RHO = [[1.5], [1.25, 0.5], [0.75, 0.85, 5.0], [1.0, 1.15, 0.9, 1.3, 0.7]]
 # log(pi_theta / pi_ref) per token for the KL options (k1, k2, k3 differ clearly at these)
 REF_SHIFT = [[0.3], [-0.4, 0.2], [0.5, -0.1, 0.3], [0.2, -0.3, 0.6, 0.1, -0.5]]
 
@@ -267,7 +268,7 @@ LOSS_OPTIONS = [
 @pytest.mark.parametrize(
     ("overrides", "formula", "needs", "silent"),
     LOSS_OPTIONS,
-    ids=[" ".join(o) for o, *_ in LOSS_OPTIONS],
+    ids=["+".join(o).replace("=", ":") for o, *_ in LOSS_OPTIONS],  # "=" cannot go in -k
 )
 def test_loss_option_changes_the_step_gradient_as_its_formula_says(
     overrides, formula, needs, silent
