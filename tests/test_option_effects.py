@@ -15,13 +15,17 @@ here the same options are pinned at the level of the gradient, which is what tra
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
 
+from conftest import FAST
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.instantiate import instantiate
@@ -307,6 +311,7 @@ ADAM_EPS = 1e-8  # torch's AdamW default
         (["train.lr=3e-3", "train.warmup_steps=4"], 3e-3 / 4, 0.0),  # step 1 of 4: lr/4
         (["train.warmup_steps=10"], 1e-4 / 10, 0.0),  # the default warmup
     ],
+    ids=["default_lr", "lr", "weight_decay", "warmup", "default_warmup"],
 )
 def test_lr_weight_decay_and_warmup_set_the_first_adamw_step(overrides, lr, weight_decay):
     # AdamW's first step: m_hat = g, v_hat = g^2, so each weight moves by
@@ -353,6 +358,7 @@ def test_max_grad_norm_clips_the_gradient_adamw_sees_and_logs_the_norm_before():
         # 2 warmup steps (t+1)/2, then linear over the 2 left: 1 - (t-2)/2
         (["train.scheduler=linear", "train.warmup_steps=2"], [0.5, 1, 1, 0.5]),
     ],
+    ids=["constant", "cosine", "linear", "warmup_linear"],
 )
 def test_scheduler_and_warmup_give_each_step_its_learning_rate(overrides, factors):
     module = module_of("kl=none", "train.lr=1e-3", "train.rollouts=4", *overrides)
@@ -504,3 +510,34 @@ def test_lora_dropout_above_zero_is_refused_because_the_step_runs_without_dropou
         validate(cfg)
     assert "policy.lora.dropout=0.5 is invalid: expected 0" in str(err.value)
     validate(cfg_of(*LORA_ON, "policy.lora.dropout=0"))
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+@pytest.mark.slow
+def test_cli_prompts_per_step_rollouts_and_lr_reach_the_run(run_cli, tracking_uri, tmp_path):
+    keep = [o for o in FAST if not o.startswith(("train.rollouts=", "train.prompts_per_step="))]
+    run_cli(
+        "train",
+        *keep,
+        "train.rollouts=3",  # default 400
+        "train.prompts_per_step=3",  # B, default 16
+        "train.lr=1e-3",  # default 1e-4 ...
+        "train.warmup_steps=0",  # ... after 10 warmup steps
+        "train.scheduler=constant",
+        "train.num_samples_logged=100",  # more than B*G: the table holds the whole rollout
+    )
+    client = MlflowClient(tracking_uri=tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grpo_lab").experiment_id])
+    rid = run.info.run_id
+    assert [m.value for m in client.get_metric_history(rid, "rollout")] == [1.0, 2.0, 3.0]
+    assert [m.value for m in client.get_metric_history(rid, "lr")] == pytest.approx([1e-3] * 3)
+    tables = sorted(a.path for a in client.list_artifacts(rid, "completions"))
+    assert len(tables) == 3
+    table = json.loads(Path(client.download_artifacts(rid, tables[0], str(tmp_path))).read_text())
+    prompts = [row[table["columns"].index("prompt")] for row in table["data"]]
+    # B = 3 prompts, each repeated G = 4 times in a row: 12 completions per rollout
+    assert len(prompts) == 3 * 4
+    assert [len(set(prompts[i : i + 4])) for i in range(0, 12, 4)] == [1, 1, 1]
+    assert len(set(prompts)) == 3
