@@ -541,3 +541,45 @@ def test_cli_prompts_per_step_rollouts_and_lr_reach_the_run(run_cli, tracking_ur
     assert len(prompts) == 3 * 4
     assert [len(set(prompts[i : i + 4])) for i in range(0, 12, 4)] == [1, 1, 1]
     assert len(set(prompts)) == 3
+
+
+@pytest.mark.parametrize(("value", "expected"), [("null", "sdpa"), ("eager", "eager")])
+def test_pretrained_attn_implementation_picks_the_attention_kernel(tmp_path, value, expected):
+    instantiate(cfg_of().policy).save(tmp_path)
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "policy=pretrained",
+                f"policy.name_or_path={tmp_path}",
+                f"policy.attn_implementation={value}",
+            ],
+        )
+    validate(cfg)
+    assert instantiate(cfg.policy).model.config._attn_implementation == expected
+
+
+def digitwise_sum(a: int, b: int) -> int:
+    """a + b without carries, written out digit by digit: 38 + 45 -> 73."""
+    digits = [(int(x) + int(y)) % 10 for x, y in zip(f"{a:02d}", f"{b:02d}")]
+    return int("".join(map(str, digits)))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_flawed_demo_fraction_sets_the_share_of_carry_dropping_demonstrations(fraction):
+    task = instantiate(cfg_of(f"task.flawed_demo_fraction={fraction}").task)
+    carries = flawed = 0
+    for ex in task.train():
+        a, b = map(int, ex.prompt[:-1].split("+"))
+        assert ex.answer == str(a + b)  # rewards and eval always check the true sum
+        if a % 10 + b % 10 >= 10:
+            carries += 1
+            flawed += ex.target != ex.answer
+            assert ex.target in (ex.answer, str(digitwise_sum(a, b)))
+        else:
+            assert ex.target == ex.answer  # without a carry there is nothing to drop
+    assert carries > 20
+    if fraction in (0.0, 1.0):
+        assert flawed == fraction * carries
+    else:  # each example is flawed with probability 1/2: about half, not none or all
+        assert 0.25 * carries < flawed < 0.75 * carries
