@@ -266,6 +266,16 @@ LOSS_OPTIONS = [
         "",
         dict(aggregation="token_mean"),
     ),
+    # presets, on a rollout whose advantages are given (their advantage options and dynamic
+    # sampling act in make_rollout: test_options.py and test_presets.py)
+    (["experiment=dapo"], dict(eps_high=0.28, aggregation="token_mean"), "old", {}),
+    (["experiment=dr_grpo"], dict(aggregation="seq_mean_token_sum_norm"), "", {}),
+    (
+        ["experiment=gspo", f"train.minibatch_size={G}"],  # B*G is 4 here, not 128
+        dict(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4),
+        "old",
+        {},
+    ),
 ]
 
 
