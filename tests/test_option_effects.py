@@ -78,14 +78,16 @@ def module_of(*overrides: str, rewards=None) -> GRPOModule:
 # --------------------------------------------------------------------------- the fixed rollout
 
 LENGTHS = [1, 2, 3, MAX_NEW]  # the last hits max_new_tokens with no EOS: truncated
-ADV = [2.0, 0.5, -1.0, 1.0]
-# pi_theta / pi_old per token, chosen against the clip ranges the tests use:
-#   row 0 (A=2):   1.5                      above every 1+eps_high: clipped
-#   row 1 (A=.5):  1.25, 0.5                1.25 clipped by eps 0.2, not by 0.28; 0.5 never (A>0)
-#   row 2 (A=-1):  0.75, 0.85, 5.0          0.85 clipped by eps 0.1 only; 0.75 by 0.1 and 0.2,
-#                                           not by eps_low 0.3; 5.0 only by the dual clip
-#   row 3 (A=1):   1, 1.15, 0.9, 1.3, 0.7   1.15 clipped by eps 0.1 only; 1.3 by 0.1, 0.2, 0.28
-RHO = [[1.5], [1.25, 0.5], [0.75, 0.85, 5.0], [1.0, 1.15, 0.9, 1.3, 0.7]]
+ADV = [2.0, 0.5, -1.0, -1.0]
+# pi_theta / pi_old per token, chosen against the clip ranges the tests use (no value sits on
+# a clip boundary):
+#   row 0 (A=2):   1.5                       above every 1+eps_high: clipped
+#   row 1 (A=.5):  1.25, 1.15                1.25 clipped by eps 0.2, not by 0.28; 1.15 by 0.1 only
+#   row 2 (A=-1):  0.75, 0.85, 5.0           0.85 clipped by eps 0.1 only; 0.75 by 0.1 and 0.2,
+#                                            not by eps_low 0.3; 5.0 only by the dual clip
+#   row 3 (A=-1):  1, 0.6, 0.95, 1.05, 0.88  0.6 clipped by every eps_low, 0.88 by 0.1 only;
+#                                            sequence ratio 0.88: clipped by GSPO's 3e-4, not 0.2
+RHO = [[1.5], [1.25, 1.15], [0.75, 0.85, 5.0], [1.0, 0.6, 0.95, 1.05, 0.88]]
 # log(pi_theta / pi_ref) per token for the KL options (k1, k2, k3 differ clearly at these)
 REF_SHIFT = [[0.3], [-0.4, 0.2], [0.5, -0.1, 0.3], [0.2, -0.3, 0.6, 0.1, -0.5]]
 
