@@ -9,7 +9,24 @@ the formula, and every test also checks that the option's expected value differs
 default's, so it fails if the option silently does what the default does.
 
 The GRPO loss options at the level of the logged loss value are pinned in test_options.py;
-here the same options are pinned at the level of the gradient, which is what training sees.
+here the same options are pinned at the level of the gradient, which is what training sees
+(a loss value can be right while its gradient is cut: an entropy bonus or a KL term computed
+on detached log-probs passes the value tests and fails these).
+
+Options of the README's tables that are pinned elsewhere:
+  G, advantage=group|group_mean|batch_std|rloo, advantage.unbiased_std, kl=none,
+    kl.mode=reward (advantages), train.ref_sync_every / ref_sync_mix   -> test_options.py
+  mu, train.minibatch_size / microbatch_size, train.dynamic_sampling*   -> test_options.py
+  sampler.temperature / top_k / top_p / min_p / stop_strings, sampler=kv_cache
+                                        -> test_sampling.py, test_kv_cache_sampler.py
+  beta=0 builds no reference                                            -> test_train_cli.py
+  policy=pretrained, policy.dtype                               -> test_pretrained_policy.py
+  policy.lora.enabled, policy.lora.target_modules                            -> test_lora.py
+  policy.use_chat_template, a task's system prompt  -> test_chat.py, test_prompt_rendering.py
+  task=countdown|compare|jsonl|custom and their fields   -> test_tasks.py, test_arithmetic_task.py
+  reward=accuracy|format|length|overlong|embedding|model|custom
+                                              -> test_rewards_basic.py, test_rewards_extra.py
+  experiment=* composes to its settings                                 -> test_presets.py
 """
 
 from __future__ import annotations
