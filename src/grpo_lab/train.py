@@ -93,6 +93,17 @@ def optimizer_steps(cfg: DictConfig) -> int:
     return cfg.train.rollouts * cfg.mu * minibatches
 
 
+def optim_config(cfg: DictConfig) -> OptimConfig:
+    """AdamW and its schedule from the composed config; the schedule spans the whole run."""
+    return OptimConfig(
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_steps=cfg.train.warmup_steps,
+        scheduler=cfg.train.scheduler,
+        total_steps=optimizer_steps(cfg),
+    )
+
+
 def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
     """The policy to train: the SFT warm start when ``sft.enabled``, else the configured one."""
     if not cfg.sft.enabled or cfg.sft.steps == 0:
@@ -197,13 +208,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         rewards=rewards,
         sampler=sampler,
         algo=algo_config(cfg),
-        optim=OptimConfig(
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            warmup_steps=cfg.train.warmup_steps,
-            scheduler=cfg.train.scheduler,
-            total_steps=optimizer_steps(cfg),
-        ),
+        optim=optim_config(cfg),
     )
     datamodule = TaskDataModule(
         task, cfg.train.prompts_per_step, cfg.train.eval_size, cfg.train.eval_batch_size, cfg.seed
