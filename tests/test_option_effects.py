@@ -162,13 +162,17 @@ def fixed_rollout(module: GRPOModule, *, old: bool = False, ref: bool = False) -
 
 
 class LrLog(L.Callback):
-    """The learning rate each optimizer step is about to use."""
+    """The learning rate each optimizer step is about to use, and the ``lr`` the step logged."""
 
     def __init__(self) -> None:
         self.lrs: list[float] = []
+        self.logged: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.logged.append(float(trainer.callback_metrics["lr"]))
 
 
 def run_steps(module: GRPOModule, rollout: Rollout, steps: int = 1, callbacks=()) -> L.Trainer:
@@ -290,7 +294,7 @@ LOSS_OPTIONS = [
     (["experiment=dapo"], dict(eps_high=0.28, aggregation="token_mean"), "old", {}),
     (["experiment=dr_grpo"], dict(aggregation="seq_mean_token_sum_norm"), "", {}),
     (
-        ["experiment=gspo", f"train.minibatch_size={G}"],  # B*G is 4 here, not 128
+        ["experiment=gspo", "train.num_minibatches=1"],  # one optimizer step on this fixed rollout of 4
         dict(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4),
         "old",
         {},
@@ -394,6 +398,8 @@ def test_scheduler_and_warmup_give_each_step_its_learning_rate(overrides, factor
     lrs = LrLog()
     run_steps(module, fixed_rollout(module), steps=4, callbacks=[lrs])
     assert lrs.lrs == pytest.approx([1e-3 * f for f in factors], rel=1e-9)
+    # The metric is the rate the rollout's update used, not the next update's.
+    assert lrs.logged == pytest.approx([1e-3 * f for f in factors], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- advantage.eps

@@ -413,6 +413,7 @@ class GRPOModule(L.LightningModule):
                 idx = order[start : start + mini]
                 stats = self._minibatch_step(rollout, idx, micro, opt)
                 grad_norm = self._clip_and_step(opt)
+                lr = sched.get_last_lr()[0]  # the rate this update used, not the next one's
                 # The schedule follows planned updates (global_step), skipped ones included.
                 sched.step()
                 if math.isfinite(grad_norm):
@@ -426,7 +427,7 @@ class GRPOModule(L.LightningModule):
         out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         out["skipped_steps"] = float(skipped)
         out["skipped_steps_total"] = float(self.skipped_steps_total)
-        out["lr"] = sched.get_last_lr()[0]
+        out["lr"] = lr  # of the rollout's last update
         return out
 
     def _minibatch_step(self, rollout: Rollout, idx: Tensor, micro: int, opt) -> dict[str, float]:
