@@ -139,8 +139,14 @@ class EvalShard(DistributedSampler):
     would count those twice in a summed accuracy. Being a DistributedSampler, Lightning keeps it
     instead of putting its own in. In one process it yields 0..n-1 in order."""
 
-    def __init__(self, dataset: Sized) -> None:
-        rank, size = world()
+    def __init__(
+        self, dataset: Sized, rank: int | None = None, world_size: int | None = None
+    ) -> None:
+        """rank, world_size: this process's by default (from the process group)."""
+        if rank is None or world_size is None:
+            rank, size = world()
+        else:
+            size = world_size
         super().__init__(dataset, num_replicas=size, rank=rank, shuffle=False)
         self.indices = range(rank, len(dataset), size)
 
