@@ -113,8 +113,8 @@ def token_mean_denominator(local_tokens: Tensor) -> float:
 
 
 def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Per-step metrics of all ranks combined: the mean over ranks, the max of ``*/max_*`` and
-    the min of ``*/min_*``. A key some rank lacks (a reward none of its completions applied to)
+    """Per-step metrics of all ranks combined: the mean over ranks, the max of ``*/max`` and
+    ``*/max_*``, the min of ``*/min`` and ``*/min_*``. A key some rank lacks (a reward none of its completions applied to)
     is the mean over the ranks that have it. Every rank must call this at the same point."""
     if world()[1] == 1:
         return dict(metrics)
@@ -124,9 +124,9 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     for key in sorted({k for m in gathered if m for k in m}):
         values = [float(m[key]) for m in gathered if m and key in m]
         leaf = key.rsplit("/", 1)[-1]
-        if leaf.startswith("max_"):
+        if leaf == "max" or leaf.startswith("max_"):
             out[key] = max(values)
-        elif leaf.startswith("min_"):
+        elif leaf == "min" or leaf.startswith("min_"):
             out[key] = min(values)
         else:
             out[key] = math.fsum(values) / len(values)
