@@ -217,6 +217,22 @@ def test_helpers_are_the_identity_in_one_process():
     assert distributed.mean_over_ranks({"reward": 0.5}) == {"reward": 0.5}
 
 
+def test_rank_metrics_combine_as_means_maxima_and_minima():
+    per_rank = [
+        {"reward": 0.25, "completions/max_length": 4.0, "completions/min_length": 2.0,
+         "sampling/logp_difference/max": 0.5, "rewards/format/mean": 1.0},
+        {"reward": 0.75, "completions/max_length": 6.0, "completions/min_length": 1.0,
+         "sampling/logp_difference/max": 0.125},
+    ]  # fmt: skip
+    assert distributed.combine_rank_metrics(per_rank) == {
+        "reward": 0.5,  # (0.25 + 0.75) / 2
+        "completions/max_length": 6.0,
+        "completions/min_length": 1.0,
+        "sampling/logp_difference/max": 0.5,
+        "rewards/format/mean": 1.0,  # only rank 0 had completions this reward applied to
+    }
+
+
 def compose_cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))

@@ -113,16 +113,23 @@ def token_mean_denominator(local_tokens: Tensor) -> float:
 
 
 def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Per-step metrics of all ranks combined: the mean over ranks, the max of ``*/max`` and
-    ``*/max_*``, the min of ``*/min`` and ``*/min_*``. A key some rank lacks (a reward none of its completions applied to)
-    is the mean over the ranks that have it. Every rank must call this at the same point."""
-    if world()[1] == 1:
+    """Per-step metrics of all ranks combined (``combine_rank_metrics``). Every rank must call
+    this at the same point; one process gets its own metrics back."""
+    size = world()[1]
+    if size == 1:
         return dict(metrics)
-    gathered: list[dict[str, float] | None] = [None] * world()[1]
+    gathered: list[dict[str, float]] = [{}] * size
     dist.all_gather_object(gathered, dict(metrics))
+    return combine_rank_metrics(gathered)
+
+
+def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """The mean over ranks, except the max of ``*/max`` and ``*/max_*`` and the min of ``*/min``
+    and ``*/min_*``. A key some rank lacks (a reward none of its completions applied to) is
+    combined over the ranks that have it."""
     out: dict[str, float] = {}
-    for key in sorted({k for m in gathered if m for k in m}):
-        values = [float(m[key]) for m in gathered if m and key in m]
+    for key in sorted({k for m in per_rank for k in m}):
+        values = [float(m[key]) for m in per_rank if key in m]
         leaf = key.rsplit("/", 1)[-1]
         if leaf == "max" or leaf.startswith("max_"):
             out[key] = max(values)
