@@ -263,6 +263,20 @@ def test_unknown_precision_is_named_with_the_allowed_ones():
         validate(compose_cfg("trainer.precision=fp8"))
 
 
+@pytest.mark.parametrize(
+    ("strategy", "devices", "refused"),
+    [("ddp", 2, True), ("ddp", 1, False), ("ddp_spawn", 2, False), ("auto", 1, False)],
+)
+def test_a_sweep_refuses_a_strategy_that_re_runs_the_command(strategy, devices, refused):
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False)
+    distributed.check_launch(trainer, multirun=False)  # a single run may re-run its command
+    if refused:
+        with pytest.raises(ConfigError, match="inside a -m sweep.*trainer=ddp_spawn"):
+            distributed.check_launch(trainer, multirun=True)
+    else:
+        distributed.check_launch(trainer, multirun=True)
+
+
 # --------------------------------------------------------------------------- 2 processes
 
 
@@ -343,4 +357,8 @@ def test_cli_ddp_run_logs_one_mlflow_run_with_eval_metrics(run_cli, tracking_uri
         assert key in run_.data.metrics, key
     (run_file,) = list(tmp_path.glob("outputs/*/*/mlflow_run.json"))
     assert json.loads(run_file.read_text())["run_id"] == run_.info.run_id
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    # Rank 0 trains the warm start (or finds it cached) before rank 1 starts; rank 1 reuses it.
+    assert output.count("SFT warm start trained") <= 1
+    assert "SFT warm start reused from cache" in output

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
@@ -243,6 +244,8 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         ],
         default_root_dir=str(out),
     )
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    distributed.check_launch(trainer, multirun)
     if not ckpt_path:
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         logger.log_metrics({"eval/accuracy_start": start["eval/accuracy"]}, step=0)
