@@ -269,12 +269,16 @@ def test_unknown_precision_is_named_with_the_allowed_ones():
 )
 def test_a_sweep_refuses_a_strategy_that_re_runs_the_command(strategy, devices, refused):
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False)
-    distributed.check_launch(trainer, multirun=False)  # a single run may re-run its command
+    # a single run may re-run its command
+    distributed.check_launch(trainer, False, strategy, devices)
     if refused:
-        with pytest.raises(ConfigError, match="inside a -m sweep.*trainer=ddp_spawn"):
-            distributed.check_launch(trainer, multirun=True)
+        with pytest.raises(
+            ConfigError,
+            match="trainer.strategy='ddp' with trainer.devices=2 .* inside a -m sweep.*ddp_spawn",
+        ):
+            distributed.check_launch(trainer, True, strategy, devices)
     else:
-        distributed.check_launch(trainer, multirun=True)
+        distributed.check_launch(trainer, True, strategy, devices)
 
 
 # --------------------------------------------------------------------------- 2 processes

@@ -164,12 +164,13 @@ class EvalShard(DistributedSampler):
         return len(self.indices)
 
 
-def check_launch(trainer: L.Trainer, multirun: bool) -> None:
+def check_launch(trainer: L.Trainer, multirun: bool, strategy: Any, devices: Any) -> None:
     """Refuse a strategy that starts its ranks by re-running the command line inside a ``-m``
     sweep: each rank would re-run the whole sweep (Lightning #11300, Hydra #2070).
 
     Lightning's subprocess launcher starts ranks 1..N-1 with ``[python, *sys.argv]`` unless a
     cluster environment (torchrun, SLURM with ``tasks_per_node`` = devices) has started them.
+    strategy, devices: ``trainer.strategy`` and ``trainer.devices`` as configured (for the error).
     """
     from lightning.pytorch.strategies.launchers.subprocess_script import (
         _SubprocessScriptLauncher,
@@ -185,9 +186,9 @@ def check_launch(trainer: L.Trainer, multirun: bool) -> None:
         from grpo_lab.config import ConfigError
 
         raise ConfigError(
-            f"trainer.strategy={type(trainer.strategy).__name__} over "
-            f"{trainer.num_devices} devices inside a -m sweep: Lightning would start the other "
-            "ranks by re-running the command, that is the whole sweep. Use trainer=ddp_spawn, or "
-            "one job per GPU (hydra/launcher=parallel_gpu), or hydra/launcher=slurm with "
-            "tasks_per_node = trainer.devices"
+            f"trainer.strategy={strategy!r} with trainer.devices={devices!r} "
+            f"({trainer.num_devices} processes) is refused inside a -m sweep: Lightning would "
+            "start the other ranks by re-running the command, that is the whole sweep. Use "
+            "trainer=ddp_spawn, or one job per GPU (hydra/launcher=parallel_gpu), or "
+            "hydra/launcher=slurm with tasks_per_node = trainer.devices"
         )

@@ -245,7 +245,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         default_root_dir=str(out),
     )
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    distributed.check_launch(trainer, multirun)
+    distributed.check_launch(trainer, multirun, cfg.trainer.strategy, cfg.trainer.devices)
     if not ckpt_path:
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         logger.log_metrics({"eval/accuracy_start": start["eval/accuracy"]}, step=0)
