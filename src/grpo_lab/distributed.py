@@ -5,7 +5,7 @@ needs on top, each a small function over ``torch.distributed`` that is the ident
 single process:
 
 - Each rank samples its own completions: ``rank_seed`` gives rank r > 0 a seed of its own,
-  derived from (seed, rank); ``RankSeed`` applies it when training starts. A prompt's G
+  derived from (seed, rank); ``RankSeed`` applies it at the first training batch. A prompt's G
   completions are sampled on one rank, so group advantages need no communication.
 - ``loss=token_mean`` divides by the token count of the whole step, over all ranks
   (``token_mean_denominator``), not by each rank's own count.
@@ -40,9 +40,10 @@ def world() -> tuple[int, int]:
 def launched_rank() -> int:
     """The global rank Lightning launched this process as (0 for the process the user started).
 
-    Lightning's launcher sets LOCAL_RANK/NODE_RANK (or SLURM sets SLURM_PROCID) in the
-    environment of the processes it starts; this is the rank Lightning's own
-    ``rank_zero_only`` (and so ``MLFlowLogger``) reads, known before any process group exists.
+    Lightning's launcher sets LOCAL_RANK/NODE_RANK in the environment of the processes it starts
+    (torchrun sets RANK, SLURM SLURM_PROCID); Lightning's ``rank_zero_only`` reads them when it
+    is imported, and ``MLFlowLogger`` creates a run only where that rank is 0. Known before any
+    process group exists.
     """
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
@@ -63,8 +64,8 @@ class RankSeed(L.Callback):
     """Reseeds torch, numpy and random on ranks > 0 at their first training batch.
 
     Every rank starts from the same ``seed`` (``seed_everything``), so without this all ranks
-    sample the same completions for the same prompt. Rank 0 keeps its stream, so a DDP run's
-    rank 0 samples what a single process with that seed samples. It acts at the first batch, and
+    sample the same completions for the same prompt. Rank 0 keeps its stream, so one-process
+    runs are unchanged. It acts at the first batch, and
     must come after any callback that restores RNG states from a checkpoint at that point: a
     checkpoint holds one rank's states, which the other ranks must not replay.
     """
