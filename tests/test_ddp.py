@@ -359,6 +359,8 @@ def test_cli_ddp_run_logs_one_mlflow_run_with_eval_metrics(run_cli, tracking_uri
     assert run_.info.status == "FINISHED"
     for key in ("eval/accuracy", "eval/accuracy_start", "eval/accuracy_final", "reward", "loss"):
         assert key in run_.data.metrics, key
+    # One run dir for both ranks (Lightning passes rank 0's hydra.run.dir to rank 1).
+    assert len(list(tmp_path.glob("outputs/*/*"))) == 1
     (run_file,) = list(tmp_path.glob("outputs/*/*/mlflow_run.json"))
     assert json.loads(run_file.read_text())["run_id"] == run_.info.run_id
     output = proc.stdout + proc.stderr
