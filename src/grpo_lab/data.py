@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from grpo_lab.distributed import EvalShard
 from grpo_lab.tasks.base import Example, Task
 
 
@@ -52,6 +53,11 @@ class TaskDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        examples = self.task.eval()[: self.eval_size]
+        # Under DDP each rank scores a disjoint shard; the module sums the counts over ranks.
         return DataLoader(
-            self.task.eval()[: self.eval_size], batch_size=self.eval_batch_size, collate_fn=_as_list
+            examples,
+            batch_size=self.eval_batch_size,
+            sampler=EvalShard(examples),
+            collate_fn=_as_list,
         )

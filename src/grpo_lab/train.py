@@ -11,11 +11,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_lab import sweep, tracking
+from grpo_lab import distributed, sweep, tracking
 from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.instantiate import instantiate
@@ -140,7 +141,11 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
 
 def make_logger(cfg: DictConfig) -> MLFlowLogger:
     lcfg = cfg.logger
-    tracking.ensure_experiment(lcfg.tracking_uri, lcfg.experiment_name)
+    # Under DDP every rank runs this; MLFlowLogger creates a run on rank 0 only (its run_id is
+    # None elsewhere), so only rank 0 touches the store and writes mlflow_run.json.
+    rank0 = distributed.launched_rank() == 0
+    if rank0:
+        tracking.ensure_experiment(lcfg.tracking_uri, lcfg.experiment_name)
     tags = {k: str(v) for k, v in (lcfg.get("tags") or {}).items()}
     sweep_name, sweep_tags = sweep.job_tags()  # parent run, sweep id, job number in a -m sweep
     tags.update(sweep_tags)
@@ -153,7 +158,10 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
         log_model=False,
     )
     # mlflow_run.json beside checkpoints/: eval links a checkpoint to this run, the sweep finds it.
-    sweep.write_run_file(output_dir(cfg), logger.run_id, logger.experiment_id, lcfg.tracking_uri)
+    if rank0:
+        sweep.write_run_file(
+            output_dir(cfg), logger.run_id, logger.experiment_id, lcfg.tracking_uri
+        )
     return logger
 
 
@@ -180,10 +188,13 @@ def train(cfg: DictConfig) -> float:
         tracking.log_config(logger, cfg)
         objective = _fit(cfg, logger, out, ckpt_path)
     except BaseException as err:
-        sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
+        if distributed.launched_rank() == 0:
+            sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
         logger.finalize("FAILED")
         raise
     logger.finalize("FINISHED")
+    if distributed.launched_rank() > 0:
+        return objective  # rank 0 reports the run
     log.info("objective %s = %.4f", cfg.train.objective, objective)
     print(f"[grpo-lab] {cfg.train.objective} = {objective:.4f}  (run {logger.run_id})")
     print(f"[grpo-lab] checkpoints: {out / 'checkpoints'}")
@@ -229,9 +240,12 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         callbacks=[
             checkpoint,
             tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged),
+            distributed.RankSeed(cfg.seed),  # last: after anything that restores RNG states
         ],
         default_root_dir=str(out),
     )
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    distributed.check_launch(trainer, multirun, cfg.trainer.strategy, cfg.trainer.devices)
     if not ckpt_path:
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         logger.log_metrics({"eval/accuracy_start": start["eval/accuracy"]}, step=0)
