@@ -294,7 +294,10 @@ LOSS_OPTIONS = [
     (["experiment=dapo"], dict(eps_high=0.28, aggregation="token_mean"), "old", {}),
     (["experiment=dr_grpo"], dict(aggregation="seq_mean_token_sum_norm"), "", {}),
     (
-        ["experiment=gspo", "train.num_minibatches=1"],  # one optimizer step on this fixed rollout of 4
+        [
+            "experiment=gspo",
+            "train.num_minibatches=1",
+        ],  # one optimizer step on this fixed rollout of 4
         dict(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4),
         "old",
         {},
