@@ -407,3 +407,21 @@ def test_runs_read_from_mlflow_are_paired_by_their_seed(tracking_uri):
     assert "G=8 vs G=4: +0.113" in line and "paired over 3 seeds" in line
     assert _interval(line) == pytest.approx((0.1133 - 0.0143, 0.1133 + 0.0143), abs=6e-4)
     assert line.endswith(": clear")
+
+
+def test_seeds_that_all_moved_by_the_same_amount_are_no_clear_verdict():
+    # Accuracy on a small eval set is discrete: two seeds can each differ by exactly 1/8. The
+    # paired interval then has zero width, which estimates no noise: the comparison falls back to
+    # Welch over the seeds' spread. Welch by hand: sd 0.0884 each side, se 0.0884, df 2,
+    # t 4.303: 0.125 +- 0.380, which holds 0.
+    from grpo_lab.report.stats import NO_SPREAD, compare
+
+    same_step = compare({"0": 0.625, "1": 0.5}, {"0": 0.5, "1": 0.375}, ("8", "4"))
+    assert same_step.method == "Welch"
+    assert (same_step.low, same_step.high) == pytest.approx(
+        (0.125 - 0.3804, 0.125 + 0.3804), abs=2e-4
+    )
+    assert same_step.verdict == "no clear difference", same_step.text("G")
+    # no spread on either side at all: nothing estimates the noise
+    flat = compare({"0": 0.5, "1": 0.5}, {"0": 0.375, "1": 0.375}, ("8", "4"))
+    assert flat.verdict == NO_SPREAD, flat.text("G")

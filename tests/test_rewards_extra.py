@@ -430,3 +430,28 @@ def test_cli_on_error_zero_finishes_and_logs_the_error_counter_raise_names_the_f
     (only,) = [json.loads(line) for line in log.read_text().splitlines()]  # stops at the first
     first = "raised ConnectionError: scorer unreachable" if only["raised"] else "returned nan"
     assert f"RewardError: reward function 'flaky' {first}" in out
+
+
+def nan_on_odd_answers(completions, examples, **_):
+    """A per-sample failure that depends on the prompt only: NaN where the answer is odd."""
+    return [math.nan if int(ex.answer) % 2 else 1.0 for ex in examples]
+
+
+def test_on_error_zero_leaves_failed_samples_out_of_the_eval_reward_and_counts_them():
+    # Greedy eval of 8 prompts; the scorer fails (NaN) where the true answer is odd. Under
+    # on_error=zero those score 0 in training, but eval/reward must not pass an outage off as a
+    # worse policy: it is the mean over the samples that scored (1.0 each), the rest counted.
+    import lightning as L
+
+    from grpo_lab.data import TaskDataModule
+
+    module = rollout_module(RewardSet({"flaky": nan_on_odd_answers}, on_error="zero"))
+    data = TaskDataModule(module.task, 2, eval_size=8, eval_batch_size=3)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    odd = sum(int(ex.answer) % 2 for ex in module.task.eval()[:8])
+    assert 0 < odd < 8  # the test needs both kinds of sample
+    assert metrics["eval/reward_errors"] == odd
+    assert metrics["eval/reward"] == pytest.approx(1.0)  # before: (8 - odd) / 8

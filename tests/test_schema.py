@@ -343,3 +343,41 @@ def test_lora_dropout_from_an_older_runs_config_loads_only_as_zero():
     tiny_llama(hidden_size=32, intermediate_size=64, lora={**old, "dropout": 0.0})
     with pytest.raises(ValueError, match=r"policy.lora.dropout=0.1 is not supported"):
         tiny_llama(hidden_size=32, intermediate_size=64, lora={**old, "dropout": 0.1})
+
+
+def _composed(*overrides: str) -> DictConfig:
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_lora_with_reference_refresh_is_a_config_error_before_compute():
+    # With LoRA the reference is the base model with the adapters off: nothing to refresh.
+    # This used to pass the check and fail in GRPOModule after the SFT warm start.
+    with pytest.raises(ConfigError, match=r"train.ref_sync_every=2 is invalid with policy.lora"):
+        validate(_composed("policy.lora.enabled=true", "train.ref_sync_every=2"))
+    validate(_composed("policy.lora.enabled=true", "train.ref_sync_every=2", "beta=0"))
+    validate(_composed("policy.lora.enabled=true", "train.ref_sync_every=2", "kl=none"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "reward.weights.accuracy=nan",
+        "reward.weights.accuracy=inf",
+        "train.lr=inf",
+        "sft.lr=inf",
+        "beta=inf",
+        "advantage.eps=inf",
+        "loss.entropy_coef=inf",
+        "train.lr=nan",
+    ],
+)
+def test_non_finite_numbers_are_rejected_before_compute(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        validate(_composed(override))
+    assert f"{key}={float(value)!r} is invalid: expected a finite value" in str(err.value)
+
+
+def test_an_infinite_upper_clip_is_allowed():
+    validate(_composed("loss.epsilon_high=inf"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -63,11 +64,14 @@ class Bound:
     nullable: bool = False
     special: tuple[int, ...] = ()
     why: str = ""
+    infinite: bool = False  # inf (not NaN) is a meaningful value, e.g. "no upper clip"
 
     def __call__(self, v: Any) -> bool:
         if v is None:
             return self.nullable
         if not (_is_int(v) if self.integer else _is_num(v)):
+            return False
+        if math.isnan(v) or (math.isinf(v) and not self.infinite):
             return False
         if v in self.special:
             return True
@@ -146,7 +150,7 @@ RULES: dict[str, Rule | Bound] = {
     "seed": _SEED,
     "num_threads": _int(ge=1, nullable=True, why="null = torch's default"),
     "loss.epsilon_low": _num(gt=0, lt=1),
-    "loss.epsilon_high": _num(gt=0),
+    "loss.epsilon_high": _num(gt=0, infinite=True, why="inf = no upper clip"),
     "loss.aggregation": _choice(*schema.Aggregation),
     "loss.ratio_level": _choice(*schema.RatioLevel),
     "loss.dual_clip": _num(gt=1, nullable=True),
@@ -381,7 +385,12 @@ def rule_errors(cfg: Mapping, skip: set[str] | frozenset[str] = frozenset()) -> 
                 errors[key] = f"{key} cannot be resolved: {err}"
                 continue
             if not rule(value):
-                errors[key] = f"{key}={value!r} is invalid: expected {rule.allowed}"
+                finite = _is_num(value) and not math.isfinite(value)
+                errors[key] = (
+                    f"{key}={value!r} is invalid: expected "
+                    + ("a finite value, " if finite else "")
+                    + rule.allowed
+                )
     return errors
 
 
@@ -418,6 +427,14 @@ def cross_errors(cfg: Mapping) -> list[str]:
                 f"train.microbatch_size={micro} is invalid: it must divide the mini-batch of "
                 f"{step} completions (e.g. {_divisors(step)})"
             )
+    lora, every = value("policy.lora.enabled"), value("train.ref_sync_every")
+    kl_on = value("kl.estimator") != "none" and _is_num(value("beta")) and value("beta") > 0
+    if lora is True and kl_on and _is_int(every) and every > 0:
+        errors.append(
+            f"train.ref_sync_every={every} is invalid with policy.lora.enabled=true: with LoRA "
+            "the reference is the frozen base model (adapters disabled), so there is no separate "
+            "reference to refresh; set train.ref_sync_every=0"
+        )
     width, heads = value("policy.hidden_size"), value("policy.num_heads")
     if _is_int(width) and _is_int(heads) and width % heads:
         errors.append(

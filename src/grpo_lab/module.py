@@ -482,8 +482,9 @@ class GRPOModule(L.LightningModule):
             )
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"GRPO loss is {loss.item()} at rollout {self.rollouts_done}; lower optim.lr or "
-                    "check the rewards and sampler.temperature. Checkpoints saved so far are kept."
+                    f"GRPO loss is {loss.item()} at rollout {self.rollouts_done + 1}; lower train.lr "
+                    "or check the rewards (reward.weights, each rewards/<fn>/mean) and "
+                    "sampler.temperature. Checkpoints saved so far are kept."
                 )
             last = i == len(chunks) - 1
             # Under DDP, sync gradients only on the last micro-batch of the mini-batch. Only a
@@ -600,11 +601,17 @@ class GRPOModule(L.LightningModule):
         texts = self.tokenizer.batch_decode(comp.completion_ids, skip_special_tokens=True)
         correct = sum(self.task.is_correct(t, ex) for t, ex in zip(texts, batch))
         scores = self.rewards(texts, batch, **self._reward_context(comp))
+        # Under reward.on_error=zero a failed scorer gives 0: such samples are left out of
+        # eval/reward and counted, so an outage cannot pass for a worse policy.
+        failed = torch.zeros(len(batch), dtype=torch.bool)
+        for mask in scores.errors.values():
+            failed |= mask.cpu().bool()
         self._eval_outputs.append(
             {
                 "n": len(batch),
                 "correct": correct,
-                "reward": float(scores.total.sum()),
+                "reward": float(scores.total.cpu()[~failed].sum()),
+                "reward_errors": float(failed.sum()),
                 "length": float(comp.lengths.float().sum()),
             }
         )
@@ -613,11 +620,11 @@ class GRPOModule(L.LightningModule):
         outs, self._eval_outputs = self._eval_outputs, []
         # Each rank scored its own shard of the eval prompts: sum the counts over ranks (every
         # rank, even one with an empty shard, must take part).
-        keys = ("n", "correct", "reward", "length")
+        keys = ("n", "correct", "reward", "reward_errors", "length")
         local = torch.tensor(
-            [[o[k] for k in keys] for o in outs] or [[0.0] * 4], dtype=torch.float64
+            [[o[k] for k in keys] for o in outs] or [[0.0] * len(keys)], dtype=torch.float64
         )
-        n, correct, reward, length = distributed.sum_over_ranks(
+        n, correct, reward, errors, length = distributed.sum_over_ranks(
             local.sum(0).to(self.device)
         ).tolist()
         if not n:
@@ -625,7 +632,8 @@ class GRPOModule(L.LightningModule):
         self.log_dict(
             {
                 "eval/accuracy": correct / n,
-                "eval/reward": reward / n,
+                "eval/reward": reward / (n - errors) if n > errors else math.nan,
+                "eval/reward_errors": errors,
                 "eval/mean_length": length / n,
             },
             on_epoch=True,

@@ -31,6 +31,7 @@ COLUMNS = [  # (column, what it is) after the swept keys
 ]
 OBJECTIVE_STATS = {"seeds", "objective", "objective_std", "objective_ci_low", "objective_ci_high"}
 CONFIDENCE = 0.95
+NO_SPREAD = "no spread over seeds: no noise estimate, rerun with more seeds"
 RERUN = "one seed: no noise estimate, rerun with seeds=3"
 
 
@@ -130,6 +131,10 @@ class Comparison:
     def verdict(self) -> str:
         if self.method == "one seed":
             return RERUN
+        if self.high == self.low and not self.negligible:
+            # Every seed moved by exactly the same amount (discrete accuracies on a few seeds do):
+            # a zero-width interval is no evidence of an effect's size, only of too few seeds.
+            return NO_SPREAD
         excludes_zero = self.low > 0 or self.high < 0
         return "clear" if excludes_zero and not self.negligible else "no clear difference"
 
@@ -160,14 +165,17 @@ class Comparison:
 
 
 def compare(best: dict[str, float], other: dict[str, float], names: tuple[str, str]) -> Comparison:
-    """Compare objectives by seed (``{seed: objective}``): paired when the seeds match, else Welch."""
+    """Compare objectives by seed (``{seed: objective}``): paired when the seeds match (and their
+    differences vary), else Welch."""
     a, b = list(best.values()), list(other.values())
     if len(a) < 2 or len(b) < 2:
         diff, low, high, method = _mean(a) - _mean(b), math.nan, math.nan, "one seed"
-    elif set(best) == set(other):
+    elif set(best) == set(other) and len({best[s] - other[s] for s in best}) > 1:
         diff, low, high = t_interval([best[s] - other[s] for s in best])
         method = "paired"
     else:
+        # Unpaired also when every seed moved by exactly the same amount (discrete accuracies
+        # on few seeds do): a zero-width paired interval estimates no noise, the seeds' spread does.
         (diff, low, high), method = welch_interval(a, b), "Welch"
     return Comparison(*names, len(a), len(b), _mean(a), _mean(b), diff, low, high, method)
 
