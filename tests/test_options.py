@@ -535,6 +535,10 @@ def test_dynamic_sampling_replaces_zero_variance_groups_and_logs_the_drop_rate()
     rollout = module.make_rollout(EXAMPLES)
     assert rollout.stats["dynamic_sampling/drop_rate"] == 0.5  # 1 of 2 groups had no signal
     assert rollout.stats["dynamic_sampling/tries"] == 2.0
+    # reward is the kept batch's mean (4/8), sampled_reward the first sample's (2/8)
+    assert (
+        rollout.stats["reward"] == 0.5 and rollout.stats["dynamic_sampling/sampled_reward"] == 0.25
+    )
     assert rollout.rewards.tolist() == first[:4] + fresh
     torch.testing.assert_close(
         rollout.advantages, torch.tensor([1.0, -1, -1, 1, -1, 1, 1, -1]), atol=1e-5, rtol=0

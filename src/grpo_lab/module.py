@@ -263,6 +263,8 @@ class GRPOModule(L.LightningModule):
                 dead = objective.group_reward_std(rollout.rewards, G) == 0
                 if drop_rate is None:
                     drop_rate = dead.float().mean().item()
+                    # reward/reward_std describe the kept batch; this is what the policy sampled
+                    sampled_reward = rollout.rewards.mean().item()
                 if not dead.any() or tries >= self.algo.dynamic_sampling_max_tries:
                     break
                 fresh = self._sample_and_score(self._fresh_prompts(int(dead.sum())))
@@ -271,6 +273,7 @@ class GRPOModule(L.LightningModule):
             rollout.stats = self._rollout_stats(rollout)
             if drop_rate is not None:
                 rollout.stats["dynamic_sampling/drop_rate"] = drop_rate
+                rollout.stats["dynamic_sampling/sampled_reward"] = sampled_reward
                 rollout.stats["dynamic_sampling/tries"] = float(tries)
 
             if self.has_reference:
