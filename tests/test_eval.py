@@ -96,3 +96,66 @@ def test_eval_rejects_k_larger_than_n(grid_sweep):
     proc = run_eval(grid_sweep, f"ckpt={ckpt}", "eval.n=4", "eval.k=9")
     assert proc.returncode != 0
     assert "eval.k=9 is invalid: expected 1 <= eval.k <= eval.n (eval.n=4)" in proc.stderr
+
+
+def _eval_run(grid_sweep: GridSweep, ckpt: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=grid_sweep.tracking_uri)
+    exp = client.get_experiment_by_name("grpo_lab")
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`grpo_lab.role` = 'eval' and tags.`grpo_lab.checkpoint` = '{ckpt.resolve()}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return client, runs[0]
+
+
+def _eval_prompts(client, run_id: str, tmp: Path) -> list[str]:
+    path = client.download_artifacts(run_id, "eval/completions.json", str(tmp))
+    table = json.loads(Path(path).read_text())
+    return [row[table["columns"].index("prompt")] for row in table["data"]]
+
+
+def _arithmetic_eval_prompts(max_operand: int, eval_size: int, n: int) -> list[str]:
+    """The task's held-out prompts built here from its class, with the grid job's settings."""
+    from grpo_lab.tasks import ArithmeticTask
+
+    task = ArithmeticTask(min_operand=0, max_operand=max_operand, ops=["+"], eval_size=eval_size)
+    return [ex.prompt for ex in task.eval()[:n]]
+
+
+@pytest.mark.slow
+def test_eval_scores_the_task_and_eval_split_the_run_trained_with(grid_sweep, tmp_path):
+    """No task override: the run's task (max_operand=9, eval_size=20), its eval split (the first
+    train.eval_size=8 prompts) and its sampler, so greedy accuracy and mean length equal the
+    run's final eval. An explicit override still wins."""
+    job = grid_sweep.sweep_dir / "0"
+    ckpt = job / "checkpoints" / "last.ckpt"
+    proc = run_eval(grid_sweep, f"ckpt={ckpt}", "eval.n=2", "eval.k=1")
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    client, run = _eval_run(grid_sweep, ckpt)
+    # the run's held-out prompts: the first train.eval_size=8 of its task's eval split
+    assert _eval_prompts(client, run.info.run_id, tmp_path / "a") == _arithmetic_eval_prompts(
+        9, 20, 8
+    )
+    train_run_id = json.loads((job / "mlflow_run.json").read_text())["run_id"]
+    final = client.get_run(train_run_id).data.metrics
+    m = run.data.metrics
+    assert m["eval/accuracy"] == pytest.approx(final["eval/accuracy_final"])
+    assert m["eval/mean_length"] == pytest.approx(final["eval/mean_length_final"])
+    params = run.data.params
+    assert params["task.max_operand"] == "9" and params["task.eval_size"] == "20"
+    assert params["eval.size"] == "8" and params["sampler.max_new_tokens"] == "6"
+
+    proc = run_eval(
+        grid_sweep, f"ckpt={ckpt}", "task.max_operand=19", "eval.size=5", "eval.n=2", "eval.k=1"
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    client, run = _eval_run(grid_sweep, ckpt)
+    params = run.data.params
+    assert params["task.max_operand"] == "19" and params["task.eval_size"] == "20"
+    assert params["eval.size"] == "5"
+    assert _eval_prompts(client, run.info.run_id, tmp_path / "b") == _arithmetic_eval_prompts(
+        19, 20, 5
+    )

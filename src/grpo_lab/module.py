@@ -202,6 +202,7 @@ class GRPOModule(L.LightningModule):
             **rollout.stats,
             **update_stats,
             "rollout": float(self.rollouts_done),
+            "step": float(self.rollouts_done),  # Lightning logs at this step: the rollout count
             "perf/step_time_s": elapsed,
             "perf/tokens_per_s": n_tokens * self.algo.mu / elapsed,
         }
@@ -479,6 +480,7 @@ class GRPOModule(L.LightningModule):
                 "eval/accuracy": sum(o["correct"] for o in outs) / n,
                 "eval/reward": sum(o["reward"] for o in outs) / n,
                 "eval/mean_length": sum(o["length"] for o in outs) / n,
+                "step": float(self.rollouts_done),  # an eval after rollout N sits at step N
             },
             on_epoch=True,
             batch_size=n,
