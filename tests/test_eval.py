@@ -159,3 +159,46 @@ def test_eval_scores_the_task_and_eval_split_the_run_trained_with(grid_sweep, tm
     assert _eval_prompts(client, run.info.run_id, tmp_path / "b") == _arithmetic_eval_prompts(
         19, 20, 5
     )
+
+
+def _compose(config_name: str, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from grpo_lab.paths import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def test_eval_config_takes_the_runs_task_sampler_and_split_unless_overridden():
+    from grpo_lab.evaluate import config_from_run
+
+    run = _compose(
+        "config",
+        "seed=3",
+        "task.max_operand=9",
+        "task.eval_size=20",
+        "sampler.max_new_tokens=4",
+        "train.eval_size=8",
+        "train.eval_batch_size=5",
+        "policy.hidden_size=32",
+    )
+    overrides = ["ckpt=x.ckpt", "task.eval_size=30", "sampler.temperature=0.5"]
+    keys = [o.split("=")[0] for o in overrides]
+    cfg = config_from_run(_compose("eval", *overrides), run, keys)
+    # from the run, resolved against it (the task's seed is the run's seed=3, not eval's 0)
+    assert (cfg.task.max_operand, cfg.task.seed, cfg.sampler.max_new_tokens) == (9, 3, 4)
+    assert (cfg.eval.size, cfg.eval.batch_size, cfg.policy.hidden_size) == (8, 5, 32)
+    # the command line wins
+    assert (cfg.task.eval_size, cfg.sampler.temperature) == (30, 0.5)
+
+    # a group chosen on the command line is eval's own, whole; an explicit eval.size wins
+    overrides = ["ckpt=x.ckpt", "task=countdown", "eval.size=3", "policy_from_run=false"]
+    cfg = config_from_run(_compose("eval", *overrides), run, ["ckpt", "task", "eval.size"])
+    assert cfg.task._target_.endswith("CountdownTask") and cfg.eval.size == 3
+    assert cfg.policy.hidden_size != 32  # policy_from_run=false: eval's own policy
+
+    # no run config (a checkpoint made elsewhere): eval's own defaults
+    own = _compose("eval", "ckpt=x.ckpt")
+    cfg = config_from_run(own, None, ["ckpt"])
+    assert cfg.task == own.task and (cfg.eval.size, cfg.eval.batch_size) == (200, 64)
