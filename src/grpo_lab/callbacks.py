@@ -93,7 +93,8 @@ class RolloutCheckpoint(ModelCheckpoint):
 
 
 class RolloutProgressBar(TQDMProgressBar):
-    """The training bar counts rollouts out of ``train.rollouts`` and shows the mean reward.
+    """The training bar counts rollouts out of ``train.rollouts`` and shows what the module logs
+    with ``prog_bar=True`` (the mean reward).
 
     Lightning's own bars count the batches of an endless epoch ("Epoch 0/-2" with
     ``max_epochs=-1``) and show the logger's version, here a 32-character MLflow run id.
@@ -114,9 +115,10 @@ class RolloutProgressBar(TQDMProgressBar):
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         self._show(bar, getattr(pl_module, "rollouts_done", bar.n + 1))
 
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, str]:
-        reward = trainer.callback_metrics.get("reward")
-        return {} if reward is None else {"reward": f"{float(reward):.3f}"}
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)  # what the module logs with prog_bar
+        metrics.pop("v_num", None)  # the logger's version: a 32-character MLflow run id
+        return metrics
 
     @staticmethod
     def _show(bar: Any, rollouts_done: int) -> None:

@@ -99,15 +99,12 @@ class TaskDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train = self.task.train()
-        if len(train) < self.prompts_per_step:
+        world = self.trainer.world_size
+        if len(train) < self.prompts_per_step * world:
+            devices = f" x {world} devices" if world > 1 else ""
             raise ValueError(
-                f"train.prompts_per_step={self.prompts_per_step} exceeds the task's "
+                f"train.prompts_per_step={self.prompts_per_step}{devices} exceeds the task's "
                 f"{len(train)} training prompts"
-            )
-        if len(train) < self.prompts_per_step * self.trainer.world_size:
-            raise ValueError(
-                f"train.prompts_per_step={self.prompts_per_step} x {self.trainer.world_size} "
-                f"devices exceeds the task's {len(train)} training prompts"
             )
         batches = PromptBatches(
             len(train),
@@ -115,7 +112,7 @@ class TaskDataModule(L.LightningDataModule):
             self.seed,
             start=self.prompt_batches_done,
             rank=self.trainer.global_rank,
-            world_size=self.trainer.world_size,
+            world_size=world,
         )
         return DataLoader(
             train, batch_sampler=batches, collate_fn=_as_list, generator=self._generator()
