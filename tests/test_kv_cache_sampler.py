@@ -10,7 +10,13 @@ import torch
 
 from conftest import FAST
 from grpo_lab.policy import tiny_llama
-from grpo_lab.sampling import GenerateSampler, KVCacheSampler, completion_logprobs, filter_logits
+from grpo_lab.sampling import (
+    GenerateSampler,
+    KVCacheSampler,
+    completion_logprobs,
+    filter_logits,
+    sampling_logp_gap,
+)
 
 PROMPTS = ["1+2=", "abc", "hello world", "x", "12*34="]
 NEG = float("-inf")
@@ -103,6 +109,26 @@ def test_greedy_matches_generate_on_prompts_of_different_lengths(policy):
     assert len(set(ours.completion_ids[0].tolist())) > 3
 
 
+@pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
+def test_greedy_is_a_plain_argmax_loop_over_full_forwards(policy, sampler_cls):
+    """Batched, left-padded, cached greedy decoding gives the tokens of the simplest decoder:
+    each prompt alone, a full forward per token, argmax, stop at EOS."""
+    model, tok = policy.model, policy.tokenizer
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    T = 16
+    got = sampler_cls(max_new_tokens=T).sample(model, prompt_ids, prompt_mask, 1, greedy=True)
+    for row, prompt in enumerate(PROMPTS):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        completion: list[int] = []
+        with torch.no_grad():
+            while len(completion) < T and tok.eos_token_id not in completion:
+                logits = model(input_ids=torch.tensor([ids + completion])).logits[0, -1]
+                completion.append(int(logits.argmax()))
+        padded = completion + [tok.pad_token_id] * (T - len(completion))
+        assert got.completion_ids[row].tolist() == padded, prompt
+        assert got.lengths[row] == len(completion)
+
+
 def test_top_k_one_samples_the_greedy_completion(policy):
     model, tok = policy.model, policy.tokenizer
     prompt_ids, prompt_mask = _encode(tok, PROMPTS)
@@ -129,19 +155,22 @@ def test_an_all_eos_batch_stops_early(policy):
 # --------------------------------------------------------------------------- distribution
 
 
+@pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
 @pytest.mark.parametrize("top_k", [0, 5])
-def test_sampled_tokens_have_the_float64_reference_probabilities(policy, top_k):
-    """Every step's distribution (through the shared, expanded cache) is the model's own."""
+def test_sampled_tokens_have_the_float64_reference_probabilities(policy, sampler_cls, top_k):
+    """Every step's distribution (for kv_cache through the shared, expanded cache) is the
+    model's own, and sampling_logp is each token's log-prob under it."""
     model, tok = policy.model, policy.tokenizer
     model64 = copy.deepcopy(model).double()
     temperature, G = 0.7, 3
     prompt_ids, prompt_mask = _encode(tok, PROMPTS)
     torch.manual_seed(0)
-    c = KVCacheSampler(max_new_tokens=12, temperature=temperature, top_k=top_k).sample(
+    c = sampler_cls(max_new_tokens=12, temperature=temperature, top_k=top_k).sample(
         model, prompt_ids, prompt_mask, G
     )
     N = len(PROMPTS) * G
-    assert c.completion_ids.shape[0] == N and c.sampling_logp.shape == c.completion_ids.shape
+    assert c.completion_ids.shape[0] == N
+    assert c.sampling_logp is not None and c.sampling_logp.shape == c.completion_ids.shape
     # rows are grouped by prompt
     assert torch.equal(c.prompt_ids, prompt_ids.repeat_interleave(G, dim=0))
     assert torch.equal(c.prompt_mask, prompt_mask.repeat_interleave(G, dim=0))
@@ -163,6 +192,35 @@ def test_sampled_tokens_have_the_float64_reference_probabilities(policy, top_k):
         if not top_k:  # the trainer's log-probs are the sampler's (unfiltered) ones
             torch.testing.assert_close(scored[row, :n].double(), ref, atol=1e-4, rtol=0)
     assert len({tuple(r) for r in c.completion_ids[:G].tolist()}) > 1, "samples, not copies"
+
+
+@pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_sampling_logp_gap_is_minus_log_the_mass_the_filter_kept(policy, sampler_cls, top_k):
+    """|log q - log pi_old| on a sampled rollout, q the sampler's distribution and pi_old the
+    loss's (``completion_logprobs``): 0 with no filter; with top_k, q = p / m on the kept
+    tokens, m their mass under p, so the gap is -log m (m from a float64 forward)."""
+    model, tok = policy.model, policy.tokenizer
+    model64 = copy.deepcopy(model).double()
+    temperature, G = 0.7, 3
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    torch.manual_seed(0)
+    c = sampler_cls(max_new_tokens=12, temperature=temperature, top_k=top_k).sample(
+        model, prompt_ids, prompt_mask, G
+    )
+    old, _ = completion_logprobs(model, c, temperature=temperature)
+    gap = sampling_logp_gap(c.sampling_logp, old, c.completion_mask)
+    for row in range(len(PROMPTS) * G):
+        n = int(c.completion_mask[row].sum())
+        logits = _reference_logits(
+            model64, prompt_ids, prompt_mask, c.completion_ids, c.completion_mask, row, row // G
+        )
+        p = (logits / temperature).softmax(-1)  # (n, V)
+        kept = p.topk(top_k, dim=-1).values.sum(-1) if top_k else p.sum(-1)
+        torch.testing.assert_close(gap[row, :n].double(), -kept.log(), atol=1e-5, rtol=0)
+        assert gap[row, n:].eq(0).all()
+    if top_k:
+        assert gap.max() > 0.1, "the filter must drop real mass for the check to bite"
 
 
 def test_first_token_frequencies_match_the_filtered_softmax(policy):
@@ -191,6 +249,60 @@ def test_first_token_frequencies_match_the_filtered_softmax(policy):
         assert len(keep) > 3, "the distribution must be spread for the check to bite"
 
 
+# --------------------------------------------------------------------------- generate's config
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_generate_ignores_the_sampling_settings_a_checkpoint_ships(policy, greedy):
+    """The sampler's settings are the whole distribution: a checkpoint's own generation_config
+    (repetition penalty, n-gram ban, top-k 50, banned and suppressed tokens) changes nothing."""
+    model, tok = policy.model, policy.tokenizer
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    sampler = GenerateSampler(max_new_tokens=16, temperature=1.0)
+    torch.manual_seed(0)
+    clean = sampler.sample(model, prompt_ids, prompt_mask, 2, greedy=greedy)
+    first_tokens = clean.completion_ids[:, 0].tolist()
+    shipped = copy.deepcopy(model)
+    for key, value in {
+        "repetition_penalty": 1.8,
+        "no_repeat_ngram_size": 2,
+        "top_k": 50,
+        "min_p": 0.3,
+        # tokens the clean run draws first: banning them must change the text if it applied
+        "bad_words_ids": [[first_tokens[0]]],
+        "suppress_tokens": [first_tokens[2]],
+    }.items():
+        setattr(shipped.generation_config, key, value)
+    torch.manual_seed(0)
+    got = sampler.sample(shipped, prompt_ids, prompt_mask, 2, greedy=greedy)
+    assert tok.batch_decode(got.completion_ids) == tok.batch_decode(clean.completion_ids)
+    assert torch.equal(got.completion_mask, clean.completion_mask)
+    # the checkpoint keeps its own settings for whoever else reads them
+    assert shipped.generation_config.repetition_penalty == 1.8
+
+
+def test_generate_ignores_the_base_models_settings_under_lora(policy):
+    """peft's generate copies the wrapper's generation_config onto the base model: the
+    checkpoint's settings stay out there too, and are back in place afterwards."""
+    pytest.importorskip("peft")
+    from grpo_lab.policy.lora import apply_lora
+
+    model, tok = policy.model, policy.tokenizer
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    sampler = GenerateSampler(max_new_tokens=16)
+    torch.manual_seed(0)
+    clean = sampler.sample(model, prompt_ids, prompt_mask, 2)
+    base = copy.deepcopy(model)
+    base.generation_config.repetition_penalty = 1.8
+    base.generation_config.suppress_tokens = [int(clean.completion_ids[0, 0])]
+    shipped = base.generation_config
+    wrapped = apply_lora(base, enabled=True)  # LoRA's B starts at 0: the base model's function
+    torch.manual_seed(0)
+    got = sampler.sample(wrapped, prompt_ids, prompt_mask, 2)
+    assert torch.equal(got.completion_ids, clean.completion_ids)
+    assert base.generation_config is shipped and "generation_config" not in vars(wrapped)
+
+
 # --------------------------------------------------------------------------- endings
 
 
@@ -214,27 +326,74 @@ def test_eos_ends_a_row_and_pads_after_it(policy):
 
 
 @pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
+def test_every_eos_id_of_the_model_ends_a_completion(policy, sampler_cls):
+    """Chat models end a turn with one of several EOS ids: the second ends a completion too."""
+    model, tok = policy.model, policy.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompt_ids, prompt_mask = _encode(tok, PROMPTS)
+    plain = sampler_cls(max_new_tokens=16).sample(model, prompt_ids, prompt_mask, 1, greedy=True)
+    row0 = plain.completion_ids[0].tolist()
+    # the second EOS: the first token of row 0, from its third on, not seen before in the row
+    k = next(t for t in range(2, len(row0)) if row0[t] not in row0[:t])
+    second = row0[k]
+    two_eos = copy.deepcopy(model)
+    two_eos.generation_config.eos_token_id = [eos, second]
+    got = sampler_cls(max_new_tokens=16).sample(two_eos, prompt_ids, prompt_mask, 1, greedy=True)
+    # expected from the plain greedy tokens: each row ends at its first token that is either EOS
+    for row, (ids, n) in enumerate(zip(plain.completion_ids.tolist(), plain.lengths.tolist())):
+        end = next((t for t in range(n) if ids[t] in (eos, second)), None)
+        length = n if end is None else end + 1
+        assert got.completion_ids[row].tolist() == ids[:length] + [pad] * (16 - length)
+        assert got.lengths[row] == length and bool(got.truncated[row]) == (end is None)
+    assert got.lengths[0] == k + 1 and got.completion_ids[0, k] == second and not got.truncated[0]
+    # sampled rows: no EOS before a row's last token, and an untruncated row ends with one
+    torch.manual_seed(0)
+    c = sampler_cls(max_new_tokens=16).sample(two_eos, prompt_ids, prompt_mask, 4)
+    for ids, n, truncated in zip(c.completion_ids.tolist(), c.lengths.tolist(), c.truncated):
+        assert not {eos, second} & set(ids[: n - 1])
+        assert truncated or ids[n - 1] in (eos, second)
+    assert (c.completion_ids == second).any(), "some row must end at the second EOS"
+
+
+def _first_stop(tok, ids: list[int], n: int, stop_strings: list[str]) -> int | None:
+    """Index of the token whose decoded prefix first contains a stop string (None: never)."""
+    return next(
+        (
+            t
+            for t in range(n)
+            if any(s in tok.decode(ids[: t + 1], skip_special_tokens=True) for s in stop_strings)
+        ),
+        None,
+    )
+
+
+@pytest.mark.parametrize("sampler_cls", [KVCacheSampler, GenerateSampler])
 def test_stop_strings_end_a_completion_at_the_token_that_completes_them(policy, sampler_cls):
     model, tok = policy.model, policy.tokenizer
     prompt_ids, prompt_mask = _encode(tok, PROMPTS[:4])
     plain = KVCacheSampler(max_new_tokens=16).sample(model, prompt_ids, prompt_mask, 1, greedy=True)
+    raw = plain.completion_ids.tolist()
     texts = tok.batch_decode(plain.completion_ids, skip_special_tokens=True)
-    assert texts[:2] == ["t6'8EA8~GY]'s]'8", "OeIO%jg^^^gkep='"]
-    assert plain.truncated.tolist() == [True, True, False, True]  # row 2 ends at EOS
-    # "8E" ends row 0 at its 5th token, "g^" row 1 at its 8th; rows 2 and 3 hold neither.
-    sampler = sampler_cls(max_new_tokens=16, stop_strings=["8E", "g^"])
-    sampler.tokenizer = tok
-    c = sampler.sample(model, prompt_ids, prompt_mask, 2, greedy=True)
-    got = tok.batch_decode(c.completion_ids, skip_special_tokens=True)
-    assert got[::2] == ["t6'8E", "OeIO%jg^", texts[2], texts[3]]
-    assert c.lengths.tolist() == [5, 5, 8, 8] + plain.lengths[2:].repeat_interleave(2).tolist()
-    assert c.truncated.tolist() == [False] * 6 + [True] * 2  # stopped rows are not truncated
-    assert c.completion_ids[0, 5:].eq(tok.pad_token_id).all()
-    assert c.completion_mask[0].tolist() == [1] * 5 + [0] * (c.completion_mask.shape[1] - 5)
-    # the first stop string in the text wins, not the first in the list
-    sampler.stop_strings = ["8E", "'8"]
-    c = sampler.sample(model, prompt_ids, prompt_mask, 1, greedy=True)
-    assert tok.decode(c.completion_ids[0], skip_special_tokens=True) == "t6'8"
+    # stop strings taken from the greedy text itself: characters 4-5 of row 0, 7-8 of row 1
+    # (the char tokenizer has one token per character), listed late-first in the second case
+    for stop_strings in ([texts[0][4:6], texts[1][7:9]], [texts[0][8:10], texts[0][2:4]]):
+        sampler = sampler_cls(max_new_tokens=16, stop_strings=stop_strings)
+        sampler.tokenizer = tok
+        c = sampler.sample(model, prompt_ids, prompt_mask, 2, greedy=True)
+        for row in range(4):
+            n = int(plain.lengths[row])
+            end = _first_stop(tok, raw[row], n, stop_strings)
+            length = n if end is None else end + 1
+            for copy_ in (2 * row, 2 * row + 1):
+                assert c.completion_ids[copy_].tolist() == raw[row][:length] + [
+                    tok.pad_token_id
+                ] * (16 - length), (stop_strings, row)
+                assert c.completion_mask[copy_].tolist() == [1] * length + [0] * (16 - length)
+                # a row a stop string ended is not truncated
+                assert bool(c.truncated[copy_]) == (end is None and bool(plain.truncated[row]))
+        assert c.lengths[0] < plain.lengths[0], "row 0 must stop early for the check to bite"
+    # the second list's first string occurs later in row 0 than its second: the text decides
+    assert c.lengths[0] == 4
 
 
 def test_sampled_completions_end_at_their_first_stop_string(policy):
@@ -282,3 +441,5 @@ def test_one_training_run_with_the_kv_cache_sampler_logs_to_mlflow(run_cli, trac
     assert run.info.status == "FINISHED"
     assert run.data.params["sampler._target_"] == "grpo_lab.sampling.KVCacheSampler"
     assert "reward" in run.data.metrics and "completions/mean_length" in run.data.metrics
+    # no filter: the sampler's log-probs are pi_old's up to float noise
+    assert run.data.metrics["sampling/sampling_logp_difference/max"] < 1e-4

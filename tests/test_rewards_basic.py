@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from grpo_lab.config import ConfigError, validate
+from grpo_lab.paths import config_dir
 from grpo_lab.rewards import RewardError, RewardSet, accuracy_reward, format_reward
 from grpo_lab.tasks import ArithmeticTask, Example
 from grpo_lab.tasks.arithmetic import parse_int_answer
@@ -142,3 +146,87 @@ def test_weights_for_unknown_functions_raise_naming_the_allowed_ones():
 def test_an_empty_reward_set_raises():
     with pytest.raises(ValueError, match="reward.functions"):
         RewardSet({})
+
+
+# ---------------------------------------------------------------- reward.on_error
+
+
+def test_on_error_defaults_to_raise_and_accepts_only_raise_or_zero():
+    assert RewardSet({"acc": accuracy_reward}).on_error == "raise"
+    with pytest.raises(
+        ValueError, match=r"reward.on_error='skip' is invalid; allowed: raise, zero"
+    ):
+        RewardSet({"acc": accuracy_reward}, on_error="skip")
+
+
+def test_on_error_is_checked_with_the_config_before_compute():
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        good = compose("config", overrides=["reward.on_error=zero"])
+        bad = compose("config", overrides=["reward.on_error=skip"])
+    validate(good)
+    with pytest.raises(
+        ConfigError, match=r"reward.on_error='skip' is invalid: expected one of raise, zero"
+    ):
+        validate(bad)
+
+
+def test_on_error_zero_scores_a_raising_function_0_for_its_batch_and_warns_once(caplog):
+    calls = []
+
+    def broken(completions, examples, **_):
+        calls.append(len(completions))
+        raise KeyError("answer_key")
+
+    rewards = RewardSet(
+        {"acc": accuracy_reward, "broken": broken}, weights={"broken": 2.0}, on_error="zero"
+    )
+    with caplog.at_level(logging.WARNING):
+        first = rewards(TEXTS, EXAMPLES)
+        second = rewards(TEXTS, EXAMPLES)
+    assert calls == [3, 3]  # called once per batch: no per-sample retries
+    for out in (first, second):
+        # acc: "0" and "1" right, "x" wrong; broken: 0 for all three (weight 2 x 0)
+        assert out.total.tolist() == [1.0, 1.0, 0.0]
+        assert out.per_fn["broken"].tolist() == [0.0, 0.0, 0.0]
+        assert out.errors["broken"].tolist() == [True, True, True]
+        assert out.errors["acc"].tolist() == [False, False, False]
+    said = [r.getMessage() for r in caplog.records if "'broken'" in r.getMessage()]
+    assert len(said) == 1, said  # once per function, not once per call
+    assert "KeyError" in said[0] and "answer_key" in said[0] and "rewards/broken/errors" in said[0]
+
+
+def test_on_error_zero_scores_each_non_finite_sample_0_and_keeps_none_apart():
+    def scorer(completions, examples, **_):
+        return [None, math.nan, 0.5]
+
+    def blows_up(completions, examples, **_):
+        return [math.inf, 1.0, -math.inf]
+
+    out = RewardSet(
+        {"acc": accuracy_reward, "scorer": scorer, "blows_up": blows_up},
+        weights={"scorer": 2.0},
+        on_error="zero",
+    )(TEXTS, EXAMPLES)
+    # acc [1, 1, 0] + 2 * scorer [0 (None), 0 (NaN -> 0), 0.5] + blows_up [0 (inf), 1, 0 (-inf)]
+    assert out.total.tolist() == [1.0, 2.0, 1.0]
+    scorer_scores = out.per_fn["scorer"].tolist()
+    assert math.isnan(scorer_scores[0]) and scorer_scores[1:] == [0.0, 0.5]  # None stays "n/a"
+    assert out.errors["scorer"].tolist() == [False, True, False]  # None is not an error
+    assert out.per_fn["blows_up"].tolist() == [0.0, 1.0, 0.0]
+    assert out.errors["blows_up"].tolist() == [True, False, True]
+
+
+def test_on_error_raise_reports_no_errors_tensor():
+    assert RewardSet({"acc": accuracy_reward})(TEXTS, EXAMPLES).errors == {}
+
+
+@pytest.mark.parametrize(
+    "returned, said",
+    [([1.0, 0.0], "returned 2 scores"), (None, "returned None"), ([1.0, "high", 0.0], "'high'")],
+)
+def test_on_error_zero_still_raises_on_the_wrong_number_or_type_of_scores(returned, said):
+    def scorer(completions, examples, **_):
+        return returned
+
+    with pytest.raises(RewardError, match=f"'scorer' {said}" if "returned" in said else said):
+        RewardSet({"scorer": scorer}, on_error="zero")(TEXTS, EXAMPLES)

@@ -3,7 +3,9 @@ composition of conf/reward/ options; CLI runs that log each of them."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import textwrap
 
 import pytest
@@ -13,6 +15,8 @@ from mlflow import MlflowClient
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from conftest import FAST, ROOT
+from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
+from grpo_lab.policy import tiny_llama
 from grpo_lab.policy.tokenizer import char_tokenizer
 from grpo_lab.rewards import (
     EmbeddingSimilarity,
@@ -23,7 +27,8 @@ from grpo_lab.rewards import (
     length_penalty,
     overlong_penalty,
 )
-from grpo_lab.tasks import CountdownTask, Example
+from grpo_lab.sampling import GenerateSampler
+from grpo_lab.tasks import ArithmeticTask, CountdownTask, Example
 from grpo_lab.train import build_rewards
 
 # FAST without its arithmetic-only keys, and one rollout: the runs check wiring, not learning.
@@ -296,3 +301,132 @@ def test_cli_logs_model_rewards_and_user_rewards_on_compare(
     assert m["rewards/custom/mean"] == -0.25
     assert -1.0 <= m["rewards/embedding/mean"] <= 1.0
     assert 0.0 <= m["eval/accuracy"] <= 1.0
+
+
+# ---------------------------------------------------------------- reward.on_error in a rollout
+
+
+def nan_on_odd_length(completions, examples, **_):
+    """A per-sample failure: NaN for completions of odd length, 1.0 otherwise."""
+    return [math.nan if len(c) % 2 else 1.0 for c in completions]
+
+
+def always_raises(completions, examples, **_):
+    raise RuntimeError("the scoring service is down")
+
+
+def rollout_module(rewards: RewardSet, **algo) -> GRPOModule:
+    return GRPOModule(
+        policy=tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1, seed=0),
+        task=ArithmeticTask(max_operand=9, eval_size=20, seed=0),
+        rewards=rewards,
+        sampler=GenerateSampler(max_new_tokens=5),
+        algo=AlgoConfig(G=4, beta=0.0, **algo),
+        optim=OptimConfig(lr=0.0),
+    )
+
+
+def test_on_error_zero_rollout_has_failed_samples_at_0_advantages_from_them_and_counts():
+    rewards = RewardSet(
+        {"acc": accuracy_reward, "odd": nan_on_odd_length, "down": always_raises},
+        weights={"odd": 0.5},
+        on_error="zero",
+    )
+    module = rollout_module(rewards)
+    examples = module.task.train()[:3]
+    torch.manual_seed(0)
+    rollout = module.make_rollout(examples)
+    task, texts = module.task, rollout.texts
+    odd = [len(t) % 2 == 1 for t in texts]
+    assert 0 < sum(odd) < len(texts), texts  # both kinds of sample are in this rollout
+    # by hand: acc (task's rule) + 0.5 * (0 where the text has odd length, else 1) + 0 (down)
+    expected = [
+        (1.0 if task.is_correct(t, ex) else 0.0) + (0.0 if o else 0.5)
+        for t, ex, o in zip(texts, rollout.examples, odd)
+    ]
+    assert rollout.rewards.tolist() == expected
+    assert rollout.per_fn["down"].tolist() == [0.0] * len(texts)
+    # group advantages from those rewards, in float64: (r - mean_g) / (population std_g + eps)
+    r = torch.tensor(expected, dtype=torch.float64).view(-1, 4)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-6)
+    torch.testing.assert_close(rollout.advantages.double(), adv.flatten(), atol=1e-5, rtol=1e-5)
+    assert rollout.stats["rewards/odd/errors"] == sum(odd)
+    assert rollout.stats["rewards/down/errors"] == len(texts)
+    assert rollout.stats["rewards/acc/errors"] == 0
+
+
+def test_on_error_counts_follow_the_groups_that_dynamic_sampling_keeps():
+    calls = iter([[1.0, math.nan, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [math.nan, 1.0, 0.0, 0.0]])
+
+    def scripted(completions, examples, **_):
+        return next(calls)
+
+    module = rollout_module(
+        RewardSet({"scripted": scripted}, on_error="zero"), dynamic_sampling=True
+    )
+    rollout = module.make_rollout(module.task.train()[:2])
+    # group 2 (all 0) is dead and replaced by the fresh group; the NaNs become 0
+    assert rollout.rewards.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    assert (
+        rollout.stats["rewards/scripted/errors"] == 2
+    )  # one kept in group 1, one in the fresh group
+
+
+FLAKY_REWARD = """
+import json, math, os
+
+
+class Flaky:
+    \"\"\"Raises on every second call; on the other calls, NaN for the first sample.\"\"\"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, completions, examples, **ctx):
+        self.calls += 1
+        raised = self.calls % 2 == 0
+        with open(os.environ["FLAKY_LOG"], "a") as f:
+            f.write(json.dumps({"n": len(completions), "raised": raised}) + "\\n")
+        if raised:
+            raise ConnectionError("scorer unreachable")
+        return [math.nan] + [1.0] * (len(completions) - 1)
+"""
+
+
+@pytest.mark.slow
+def test_cli_on_error_zero_finishes_and_logs_the_error_counter_raise_names_the_function(
+    run_cli, tracking_uri, tmp_path
+):
+    (tmp_path / "flaky.py").write_text(textwrap.dedent(FLAKY_REWARD))
+    log = tmp_path / "flaky.jsonl"
+    args = [
+        "train",
+        *FAST,
+        "train.eval_every=100",  # evals only at the start and the end: calls 1, 2-3 (train), 4
+        "+reward.functions.flaky._target_=flaky.Flaky",
+    ]
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    env = {"PYTHONPATH": pythonpath, "FLAKY_LOG": str(log)}
+    proc = run_cli(*args, "reward.on_error=zero", env=env)
+    client, run = _run_metrics(tracking_uri)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    # a rollout scores prompts_per_step * G = 4 * 4 = 16 completions; an eval batch 8 prompts
+    rollouts = [c for c in calls if c["n"] == 16]
+    assert len(rollouts) == 2
+    expected = [16.0 if c["raised"] else 1.0 for c in rollouts]  # whole batch, or sample 0
+    assert set(expected) == {16.0, 1.0}, calls  # both kinds of failure happened in training
+    history = client.get_metric_history(run.info.run_id, "rewards/flaky/errors")
+    assert [p.value for p in sorted(history, key=lambda p: p.step)] == expected
+    # one warning for the function, naming its first failure (whichever call that was)
+    out = proc.stdout + proc.stderr
+    assert out.count("Later failures of 'flaky' are only counted") == 1, out[-3000:]
+    first = "raised ConnectionError" if calls[0]["raised"] else "returned nan for sample 0"
+    assert f"reward function 'flaky' {first}" in out
+
+    log.unlink()
+    failed = run_cli(*args, env=env, check=False)
+    assert failed.returncode != 0
+    out = failed.stdout + failed.stderr
+    (only,) = [json.loads(line) for line in log.read_text().splitlines()]  # stops at the first
+    first = "raised ConnectionError: scorer unreachable" if only["raised"] else "returned nan"
+    assert f"RewardError: reward function 'flaky' {first}" in out

@@ -366,7 +366,7 @@ class MLflowSweepCallback(Callback):
         job_return.return_value = math.nan  # what the sweeper sees; Optuna marks the trial failed
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from grpo_lab.tracking import runs_url
+        from grpo_lab.tracking import runs_url, ui_command
 
         sweep = read_sweep_file(config.hydra.sweep.dir)
         if sweep is None:
@@ -416,7 +416,5 @@ class MLflowSweepCallback(Callback):
         )
         print("\n".join(lines))
         print(f"[grpo-lab] compare them: grpo-lab report {sweep_dir}")
-        print(
-            f"[grpo-lab] MLflow UI: mlflow ui --backend-store-uri {sweep['tracking_uri']} --port 5000"
-        )
+        print(f"[grpo-lab] MLflow UI: {ui_command(sweep['tracking_uri'])}")
         print(f"[grpo-lab]   then open {runs_url(sweep['tracking_uri'], sweep['experiment_id'])}")

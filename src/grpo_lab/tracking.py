@@ -85,7 +85,8 @@ def runs_url(
 
 
 def ui_command(tracking_uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000"
+    """The ``mlflow ui`` command line for a store, bound to this machine only (the UI has no login)."""
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
 class CompletionTable(L.Callback):

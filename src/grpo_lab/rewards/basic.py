@@ -30,7 +30,7 @@ def accuracy_reward(
 def format_reward(
     completions: list[str],
     examples: list[Example],
-    pattern: str | None = r"^\s*-?\d+\s*$",
+    pattern: str | None = r"^\s*-?[0-9]+\s*$",
     truncated: list[bool] | None = None,
     task: Any = None,
     **_: Any,

@@ -2,6 +2,12 @@
 
 Both load with transformers from a local directory or a hub id (``local_files_only`` keeps
 them offline) once, when the reward is built, and score without gradients.
+
+A fast tokenizer encodes the whole text before it truncates to ``max_length`` tokens, so a
+completion of a million characters costs seconds however short ``max_length`` is. Texts are cut
+to ``(max_length + 1) * MAX_CHARS_PER_TOKEN`` characters first (on the side the tokenizer
+truncates): that keeps the same first ``max_length`` tokens for any tokenizer whose tokens span at
+most that many characters (WordPiece's [UNK] for a word over 100 characters spans more).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from transformers import PreTrainedTokenizerBase
 from grpo_lab.policy.build import load_tokenizer as load_policy_tokenizer
 from grpo_lab.tasks.base import Example
 
+MAX_CHARS_PER_TOKEN = 64
+
 
 def load_tokenizer(name_or_path: str, local_files_only: bool = False) -> PreTrainedTokenizerBase:
     """The policy loader's tokenizer (generic fast tokenizers kept as such), padding on the right."""
@@ -25,6 +33,19 @@ def load_tokenizer(name_or_path: str, local_files_only: bool = False) -> PreTrai
     # expects them; a saved policy tokenizer may carry left padding for generation.
     tok.padding_side = "right"
     return tok
+
+
+def bounded_texts(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[str]:
+    """Texts cut to what ``max_length`` tokens can cover, and made encodable as UTF-8."""
+    limit = (max_length + 1) * MAX_CHARS_PER_TOKEN
+    left = getattr(tokenizer, "truncation_side", "right") == "left"
+    # A lone surrogate ("\ud800") is a valid Python str but not UTF-8: fast tokenizers raise.
+    return [
+        (t[-limit:] if left else t[:limit]).encode("utf-8", "replace").decode("utf-8")
+        for t in texts
+    ]
 
 
 def _check_path(key: str, name_or_path: str) -> None:
@@ -61,7 +82,7 @@ class EmbeddingSimilarity:
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
-                texts[i : i + self.batch_size],
+                bounded_texts(texts[i : i + self.batch_size], self.tokenizer, self.max_length),
                 return_tensors="pt",
                 padding=True,
                 truncation=True,
@@ -123,7 +144,7 @@ class RewardModel:
         scores: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
-                texts[i : i + self.batch_size],
+                bounded_texts(texts[i : i + self.batch_size], self.tokenizer, self.max_length),
                 return_tensors="pt",
                 padding=True,
                 truncation=True,

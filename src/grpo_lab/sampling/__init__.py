@@ -5,9 +5,16 @@ completions under a model. Both are small on purpose: faster implementations (a 
 prompt-prefix KV cache, say) replace them without touching the GRPO module.
 """
 
-from grpo_lab.sampling.base import Completions, Sampler, completion_logprobs, trim_at_eos
+from grpo_lab.sampling.base import (
+    Completions,
+    Sampler,
+    completion_logprobs,
+    filter_logits,
+    sampling_logp_gap,
+    trim_at_eos,
+)
 from grpo_lab.sampling.generate import GenerateSampler
-from grpo_lab.sampling.kv_cache import KVCacheSampler, filter_logits
+from grpo_lab.sampling.kv_cache import KVCacheSampler
 
 __all__ = [
     "Completions",
@@ -16,5 +23,6 @@ __all__ = [
     "Sampler",
     "completion_logprobs",
     "filter_logits",
+    "sampling_logp_gap",
     "trim_at_eos",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +22,8 @@ class Completions:
     completion_mask: (N, T) 1 on tokens up to and including EOS
     truncated:       (N,)   True where neither EOS nor a stop string came within max_new_tokens
     sampling_logp:   (N, T) log-prob of each token under the distribution it was drawn from
-                     (after temperature and filtering), when the sampler records it; else None
+                     (after temperature and filtering), 0 on padding; None for greedy
+                     decoding (both samplers record it when they sample)
     """
 
     prompt_ids: Tensor
@@ -54,14 +56,16 @@ class Sampler(Protocol):
 
 
 def trim_at_eos(
-    completion_ids: Tensor, eos_token_id: int, pad_token_id: int
+    completion_ids: Tensor, eos_token_ids: int | Sequence[int], pad_token_id: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Mask and pad everything after the first EOS.
+    """Mask and pad everything after the first EOS; any of ``eos_token_ids`` is an EOS.
 
+    Chat models end a turn with one of several ids (Qwen2.5: <|im_end|> and <|endoftext|>).
     completion_ids: (N, T). Returns (ids (N, T) padded after EOS, mask (N, T) 1 up to and
     including EOS, truncated (N,) True where no EOS appears).
     """
-    is_eos = completion_ids == eos_token_id
+    eos = torch.as_tensor(eos_token_ids, device=completion_ids.device).reshape(-1)  # (E,)
+    is_eos = torch.isin(completion_ids, eos)
     has_eos = is_eos.any(dim=1)
     # index of first EOS, or T when there is none
     first = torch.where(
@@ -73,6 +77,47 @@ def trim_at_eos(
     mask = (positions <= first.unsqueeze(1)).long()
     ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, pad_token_id))
     return ids, mask, ~has_eos
+
+
+def eos_and_pad_ids(model: nn.Module) -> tuple[list[int], int]:
+    """(every EOS id, pad id) from the model's generation config; pad falls back to the first EOS."""
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+    pad = config.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return [int(e) for e in eos], int(pad)
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """Set to -inf every logit the sampling filters drop. logits: (N, V) -> (N, V).
+
+    Applied in transformers' order, each on what the one before kept, and each keeps at
+    least the most likely token:
+      top_k: keep the k largest logits (0 = off; ties with the k-th are kept);
+      top_p: keep the smallest set of most likely tokens whose probability sums to >= top_p,
+             i.e. token i stays when the mass of the tokens more likely than it is < top_p;
+      min_p: keep tokens with p >= min_p * max p (0 = off).
+    Both samplers draw from softmax of this (after dividing by the temperature); the loss's
+    pi_old and pi_theta are the unfiltered softmax at the same temperature.
+    """
+    out = logits
+    if top_k and top_k < out.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # (N, V) mass of the more likely tokens
+        drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(
+            -1, order, mass_before >= top_p
+        )
+        out = out.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = out.softmax(dim=-1)
+        out = out.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return out
 
 
 class SamplingSettings:
@@ -111,6 +156,10 @@ class SamplingSettings:
         self.min_p = min_p
         self.stop_strings = list(stop_strings) if stop_strings else None
         self.tokenizer = None  # set by the module when stop strings need it
+
+    def sampling_logits(self, logits: Tensor) -> Tensor:
+        """The logits of the distribution a token is drawn from: (N, V) -> (N, V), -inf = dropped."""
+        return filter_logits(logits / self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 def stop_window(stop_strings: list[str]) -> int:
@@ -206,3 +255,14 @@ def completion_logprobs(
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = token_entropy(logits)
     return logp, entropy
+
+
+def sampling_logp_gap(sampling_logp: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    """|log q(o_t) - log pi_old(o_t)| per completion token, 0 on padding. All (N, T).
+
+    q is the distribution the sampler drew o_t from (temperature, then top_k/top_p/min_p);
+    pi_old is the unfiltered softmax at the same temperature that the loss uses. Without
+    filtering the two are the same and the gap is float noise. With filtering q = p / m on the
+    kept tokens, m the mass the filter kept, so the gap is -log m.
+    """
+    return torch.where(mask.bool(), (sampling_logp - logp).abs(), 0.0)

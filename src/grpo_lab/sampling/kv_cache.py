@@ -10,6 +10,7 @@ from grpo_lab.sampling.base import (
     Completions,
     SamplingSettings,
     completes_stop_string,
+    eos_and_pad_ids,
     position_ids_from_mask,
     stop_window,
 )
@@ -18,40 +19,13 @@ from grpo_lab.sampling.base import (
 _CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
-    """Set to -inf every logit the sampling filters drop. logits: (N, V) -> (N, V).
-
-    Applied in transformers' order, each on what the one before kept, and each keeps at
-    least the most likely token:
-      top_k: keep the k largest logits (0 = off; ties with the k-th are kept);
-      top_p: keep the smallest set of most likely tokens whose probability sums to >= top_p,
-             i.e. token i stays when the mass of the tokens more likely than it is < top_p;
-      min_p: keep tokens with p >= min_p * max p (0 = off).
-    """
-    out = logits
-    if top_k and top_k < out.shape[-1]:
-        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
-        out = out.masked_fill(out < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # (N, V) mass of the more likely tokens
-        drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(
-            -1, order, mass_before >= top_p
-        )
-        out = out.masked_fill(drop, float("-inf"))
-    if min_p > 0.0:
-        probs = out.softmax(dim=-1)
-        out = out.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
-    return out
-
-
 class KVCacheSampler(SamplingSettings):
     """Ancestral sampling with the prompt encoded once and its KV cache shared by G samples.
 
     The B left-padded prompts go through one forward; the cache is then repeated to B*G rows
     (``DynamicCache.batch_repeat_interleave``) and every step decodes one token per row.
     temperature, top_k (0 = off), top_p (1 = off), min_p (0 = off) as in ``filter_logits``;
+    every EOS id of the model's generation config ends a row;
     a row ends at EOS or at the token that completes any of ``stop_strings`` (not truncated
     then; needs the tokenizer, which the module sets); the loop ends when every row has.
     """
@@ -68,8 +42,8 @@ class KVCacheSampler(SamplingSettings):
     ) -> Completions:
         if self.stop_strings and self.tokenizer is None:
             raise ValueError("sampler.stop_strings needs the tokenizer: set sampler.tokenizer")
-        eos_ids, pad = _special_ids(model)
-        eos_ids = eos_ids.to(prompt_ids.device)
+        eos, pad = eos_and_pad_ids(model)
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=prompt_ids.device)  # (E,)
         # Greedy completions of a prompt are all the same: decode one row, repeat it at the end.
         G = 1 if greedy else num_samples
         out = model(
@@ -135,8 +109,7 @@ class KVCacheSampler(SamplingSettings):
         if greedy:
             token = logits.argmax(dim=-1)
             return token, torch.zeros_like(token, dtype=logits.dtype)
-        filtered = filter_logits(logits / self.temperature, self.top_k, self.top_p, self.min_p)
-        logp = filtered.log_softmax(dim=-1)  # (N, V)
+        logp = self.sampling_logits(logits).log_softmax(dim=-1)  # (N, V)
         token = torch.multinomial(logp.exp(), 1).squeeze(1)
         return token, logp.gather(1, token.unsqueeze(1)).squeeze(1)
 
@@ -150,14 +123,3 @@ class KVCacheSampler(SamplingSettings):
         found = completes_stop_string(self.tokenizer, window.tolist(), self.stop_strings)
         hit[rows] = torch.tensor(found, device=live.device)
         return hit
-
-
-def _special_ids(model: nn.Module) -> tuple[Tensor, int]:
-    """(EOS ids (E,), pad id) from the model's generation config; pad falls back to EOS."""
-    config = model.generation_config
-    eos = config.eos_token_id
-    eos = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
-    pad = config.pad_token_id
-    if pad is None:
-        pad = eos[0] if eos else 0
-    return torch.tensor(eos, dtype=torch.long), int(pad)

@@ -11,17 +11,25 @@ import re
 
 from grpo_lab.tasks.base import Example
 
-_INT = re.compile(r"-?\d+")
+_INT = re.compile(r"-?[0-9]+")  # ASCII digits only: "\u0668\u0662" (Arabic-Indic 82) is not 82
 
 
 def parse_int_answer(completion: str) -> str | None:
-    """The integer a completion states, or None.
+    """The integer a completion states, in canonical form ("007" -> "7", "-0" -> "0"), or None.
 
-    The format is the bare integer (optionally signed, surrounding spaces ignored); anything
-    else, e.g. ``"8 2"`` or ``"82abc"``, gives None. Model text is only matched, never run.
+    The format is the bare integer in ASCII digits (optionally signed, surrounding spaces
+    ignored); anything else, e.g. ``"8 2"`` or ``"82abc"``, gives None. Model text is only
+    matched, never run. The canonical form is made from the text, not with ``int()``, which
+    raises past 4300 digits and takes quadratic time on long digit strings.
     """
     text = completion.strip()
-    return str(int(text)) if _INT.fullmatch(text) else None
+    if not _INT.fullmatch(text):
+        return None
+    negative = text.startswith("-")
+    digits = text.lstrip("-").lstrip("0")
+    if not digits:
+        return "0"
+    return f"-{digits}" if negative else digits
 
 
 def carry_free_sum(a: int, b: int) -> int:

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from grpo_lab.tasks.base import Example
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")  # ASCII digits only, as the prompts write them
 
 
 def _decimals(text: str) -> int:
@@ -145,7 +145,7 @@ class CompareTask:
         return self._eval
 
     def parse_answer(self, completion: str) -> str | None:
-        """The last number in the completion, or None when it has none."""
+        """The last number (ASCII digits) in the completion, or None when it has none."""
         found = _NUMBER.findall(completion)
         return found[-1] if found else None
 

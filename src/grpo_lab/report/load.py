@@ -1,0 +1,162 @@
+"""Reading a sweep back from MLflow (and its Hydra folder) into ``Sweep``/``Job`` records."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grpo_lab.sweep import SWEEP_FILE
+
+METRICS = ("eval/accuracy", "reward", "kl", "completions/mean_length", "rollout")
+
+
+@dataclass
+class Job:
+    """One run of the sweep: its swept values, summary numbers and curves."""
+
+    num: int
+    run_id: str
+    name: str
+    status: str
+    swept: dict[str, str]
+    values: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    seed: str | None = None  # the run's seed (swept, else its logged param): pairs replicates
+
+
+@dataclass
+class Sweep:
+    parent_run_id: str | None
+    experiment_id: str
+    sweep_id: str
+    swept_keys: list[str]
+    objective_name: str
+    jobs: list[Job]
+
+
+def _abs_sqlite(uri: str, base: Path) -> str:
+    """A relative ``sqlite:///mlflow.db`` as seen from ``base`` (where the sweep was started)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((base / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def _job_from_run(client: Any, run: Any, swept: dict[str, str]) -> Job:
+    hist = {
+        k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)]
+        for k in METRICS
+    }
+    m = run.data.metrics
+    acc = [v for _, v in hist["eval/accuracy"]]
+    last = {k: (h[-1][1] if h else math.nan) for k, h in hist.items()}
+    final_acc = m.get("eval/accuracy_final", last["eval/accuracy"])
+    failed = run.info.status == "FAILED"
+    end = run.info.end_time or run.info.start_time
+    values = {
+        "objective": math.nan if failed else m.get("objective", final_acc),
+        "eval_acc_final": math.nan if failed else final_acc,
+        "eval_acc_best": max(acc) if acc else math.nan,
+        "reward_final": last["reward"],
+        "kl": last["kl"],
+        "mean_length": last["completions/mean_length"],
+        "steps": last["rollout"],
+        "wall_s": (end - run.info.start_time) / 1000,
+    }
+    return Job(
+        num=int(run.data.tags.get("grpo_lab.job_num", "-1")),
+        run_id=run.info.run_id,
+        name=run.info.run_name,
+        status=run.info.status,
+        swept=swept,
+        values=values,
+        curves={"reward": hist["reward"], "eval/accuracy": hist["eval/accuracy"]},
+        seed=swept.get("seed") or run.data.params.get("seed"),
+    )
+
+
+def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | None, str]:
+    """The sweep in folder ``source`` (a multirun dir) or the latest sweep of experiment ``source``.
+
+    Returns (sweep, sweep dir or None, tracking URI used).
+    """
+    from mlflow import MlflowClient
+
+    path = Path(source)
+    sweep_dir: Path | None = None
+    if path.is_dir():
+        info_file = path / SWEEP_FILE
+        if not info_file.is_file():
+            raise SystemExit(
+                f"grpo-lab report: {source} has no {SWEEP_FILE}: give a folder made by "
+                "`grpo-lab train -m ...` (multirun/<date>/<time>) or an MLflow experiment name"
+            )
+        info = json.loads(info_file.read_text())
+        sweep_dir = path.resolve()
+        uri = (
+            tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or _abs_sqlite(info["tracking_uri"], sweep_dir.parents[2])
+        )
+        parent_id, exp_id = info["parent_run_id"], info["experiment_id"]
+    else:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(source)
+        if exp is None:
+            raise SystemExit(
+                f"grpo-lab report: {source!r} is neither a sweep folder nor an experiment in {uri} "
+                "(give multirun/<date>/<time>, or an experiment name with --tracking-uri)"
+            )
+        exp_id = exp.experiment_id
+        parents = MlflowClient(tracking_uri=uri).search_runs(
+            [exp_id],
+            filter_string="tags.`grpo_lab.role` = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not parents:
+            raise SystemExit(
+                f"grpo-lab report: experiment {source!r} in {uri} has no sweep (run grpo-lab train -m ...)"
+            )
+        parent_id = parents[0].info.run_id
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_id)
+    keys = json.loads(parent.data.tags.get("grpo_lab.swept_keys", "[]"))
+    if sweep_dir is None and parent.data.tags.get("grpo_lab.sweep_dir"):
+        sweep_dir = Path(parent.data.tags["grpo_lab.sweep_dir"])
+        sweep_dir = sweep_dir if sweep_dir.is_dir() else None
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=5000
+    )
+    jobs = []
+    for run in runs:
+        swept = json.loads(run.data.tags.get("grpo_lab.swept", "{}"))
+        overrides_file = None
+        if sweep_dir is not None and "grpo_lab.job_num" in run.data.tags:
+            overrides_file = (
+                sweep_dir / run.data.tags["grpo_lab.job_num"] / ".hydra" / "overrides.yaml"
+            )
+        if (
+            overrides_file is not None and overrides_file.is_file()
+        ):  # what Hydra ran, as the job saw it
+            given = dict(
+                o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text())
+            )
+            swept = {k: str(given[k]) for k in keys if k in given}
+        jobs.append(_job_from_run(client, run, swept))
+    jobs.sort(key=lambda j: j.num)
+    sweep = Sweep(
+        parent_id,
+        exp_id,
+        parent.data.tags.get("grpo_lab.sweep_id", parent_id),
+        keys,
+        parent.data.tags.get("grpo_lab.objective") or "eval/accuracy",
+        jobs,
+    )
+    return sweep, sweep_dir, uri
