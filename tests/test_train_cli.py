@@ -163,7 +163,7 @@ def test_bad_config_fails_before_the_heavy_imports(tmp_path):
 
 @pytest.mark.slow
 def test_two_step_run_through_the_cli_logs_everything_to_mlflow(run_cli, tmp_path, tracking_uri):
-    proc = run_cli("train", *FAST)
+    proc = run_cli("train", *LEARNING)
     assert "eval/accuracy = " in proc.stdout and "workflowType=machine_learning" in proc.stdout
     client, run = only_run(tracking_uri)
     assert run.info.status == "FINISHED"
@@ -206,6 +206,14 @@ def test_two_step_run_through_the_cli_logs_everything_to_mlflow(run_cli, tmp_pat
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2 and state["grpo_rollouts_done"] == 2
     assert _adam_steps(state) == 2  # two optimizer updates (mu=1, one mini-batch per rollout)
+    from safetensors.torch import load_file
+
+    warm = load_file(Path(run.data.tags["grpo_lab.sft_warm_start"]) / "model.safetensors")
+    assert any(  # the policy moved away from the warm start
+        not torch.equal(state["state_dict"][f"policy.{k}"], v)
+        for k, v in warm.items()
+        if f"policy.{k}" in state["state_dict"]
+    )
     final = run.data.metrics
     greedy = _greedy_eval_of_checkpoint(last)
     assert greedy["eval/accuracy"] == pytest.approx(final["eval/accuracy_final"])
