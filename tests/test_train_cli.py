@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,8 +109,8 @@ def test_overrides_reach_the_composed_config():
     ("override", "key", "allowed"),
     [
         ("G=1", "G=1", "integer >= 2"),
-        ("epsilon=1.5", "epsilon=1.5", "0 < epsilon < 1"),
-        ("epsilon=0", "epsilon=0", "0 < epsilon < 1"),
+        ("epsilon=1.5", "epsilon=1.5", "a number in (0, 1)"),
+        ("epsilon=0", "epsilon=0", "a number in (0, 1)"),
         ("beta=-0.1", "beta=-0.1", ">= 0"),
         ("mu=0", "mu=0", "integer >= 1"),
         ("train.minibatch_size=5", "train.minibatch_size=5", "must divide"),
@@ -134,8 +136,14 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, key, al
 @pytest.mark.slow
 def test_bad_config_fails_before_any_compute_through_the_cli(run_cli, tmp_path, tracking_uri):
     proc = run_cli("train", "G=1", "epsilon=2", check=False)
-    assert proc.returncode != 0
-    assert "G=1 is invalid" in proc.stderr and "epsilon=2 is invalid" in proc.stderr
+    # the message alone, as the README shows it, and exit status 2 (a usage error)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "invalid config:\n"
+        "  G=1 is invalid: expected an integer >= 2 (a group needs two completions to compare)\n"
+        "  epsilon=2 is invalid: expected a number in (0, 1)\n"
+        "  loss.epsilon_low=2 is invalid: expected a number in (0, 1)\n"  # it follows ${epsilon}
+    )
     # nothing was trained: no warm start cached, no checkpoint written
     assert not list(tmp_path.glob("outputs/**/*.ckpt"))
     proc = run_cli("train", "policy=nope", check=False)
@@ -158,7 +166,70 @@ def test_bad_config_fails_before_the_heavy_imports(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert "G=1 is invalid" in proc.stderr, proc.stderr[-3000:]
-    assert "exit 1" in proc.stdout and "loaded []" in proc.stdout, proc.stdout
+    assert "exit 2" in proc.stdout and "loaded []" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_a_value_a_part_rejects_when_built_prints_its_message_alone(run_cli, tmp_path):
+    """Some checks need the part itself (10 x 10 sums hold 100 examples, not 200 to hold out)."""
+    proc = run_cli("train", *FAST, "task.eval_size=200", check=False)
+    assert proc.returncode == 2
+    assert "task.eval_size=200 must be between 1 and 99 (the task has 100 examples)" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(tmp_path.glob("outputs/**/*.ckpt"))
+
+
+@pytest.mark.slow
+def test_lora_dropout_on_the_command_line_says_why_it_is_gone(run_cli):
+    for override in ("policy.lora.dropout=0.1", "+policy.lora.dropout=0.1"):
+        proc = run_cli("train", *FAST, override, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "policy.lora.dropout is no longer an option" in proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_run_and_sweep_dirs_end_in_a_token_drawn_once_per_process():
+    import grpo_lab.cli  # noqa: F401  (registers the grpo_lab_run_id resolver, as the CLI does)
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    run_dir, sweep_dir = cfg.hydra.run.dir, cfg.hydra.sweep.dir
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]{6}", run_dir), run_dir
+    assert sweep_dir.startswith("multirun/") and sweep_dir[-6:] == run_dir[-6:]
+
+
+@pytest.mark.slow
+def test_two_runs_started_in_the_same_second_get_their_own_run_dirs(
+    tmp_path, tracking_uri, cache_dir
+):
+    """Both used to land in outputs/<date>/<time>/ and the second found checkpoints/ taken."""
+    from conftest import THREADS_PER_WORKER
+
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "GRPO_LAB_CACHE": str(cache_dir),
+        "OMP_NUM_THREADS": str(THREADS_PER_WORKER),
+    }
+    args = [sys.executable, "-m", "grpo_lab.cli", "train", *FAST, "sft.enabled=false"]
+    time.sleep(1.05 - time.time() % 1)  # start both early in one second
+    procs = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err.decode()[-4000:]
+    run_dirs = sorted(c.parent.parent for c in tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
+    assert len(run_dirs) == 2, list(tmp_path.rglob("*.ckpt"))
+    for run_dir in run_dirs:
+        assert {c.name for c in (run_dir / "checkpoints").iterdir()} == {
+            "last.ckpt",
+            "rollout-step=1.ckpt",
+            "rollout-step=2.ckpt",
+        }
 
 
 @pytest.mark.slow

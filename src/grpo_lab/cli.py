@@ -6,7 +6,10 @@ argparse over a finished sweep.
 
 from __future__ import annotations
 
+import secrets
 import sys
+
+from omegaconf import OmegaConf
 
 USAGE = """usage: grpo-lab <command> [overrides...]
 
@@ -24,18 +27,75 @@ examples:
 """
 
 
+def user_error_message(err: BaseException) -> str | None:
+    """The message alone for an error in the user's input found before compute, else None.
+
+    ConfigError (``config.validate``), and a ValueError or FileNotFoundError with which a part
+    (task, reward, sampler, policy) refused the values it was built with.
+    """
+    from hydra.errors import InstantiationException
+
+    from grpo_lab.config import ConfigError
+
+    if isinstance(err, ConfigError):
+        return str(err)
+    cause = err.__cause__
+    if isinstance(err, InstantiationException) and isinstance(
+        cause, ValueError | FileNotFoundError
+    ):
+        return f"invalid config:\n  {cause}"
+    return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _run_id() -> str:
+    """A token unique to this process: two runs started in the same second get their own dirs."""
+    global _RUN_ID
+    if _RUN_ID is None:
+        _RUN_ID = secrets.token_hex(3)
+    return _RUN_ID
+
+
+_RUN_ID: str | None = None
+# conf/hydra/default.yaml names run and sweep dirs <time>-${grpo_lab_run_id:}. Registered on
+# import: a launcher's worker process imports this module to run the task function.
+if not OmegaConf.has_resolver("grpo_lab_run_id"):
+    OmegaConf.register_new_resolver("grpo_lab_run_id", _run_id, use_cache=True)
+
+
 def _hydra_app(command: str):
     import hydra
 
     from grpo_lab.paths import config_dir
 
     def task(cfg):
-        if command in ("train", "sft"):
-            # Checked here, before torch, Lightning and transformers are imported (seconds), so
-            # a bad value fails at once; train() checks again for callers that skip the CLI.
-            from grpo_lab.config import validate
+        try:
+            return run(cfg)
+        except Exception as err:
+            message = user_error_message(err)
+            if message is None or _in_multirun():
+                raise  # a bug keeps its traceback; a sweep records the failed job and goes on
+            print(message, file=sys.stderr)
+            raise SystemExit(2) from None
 
-            validate(cfg)
+    def run(cfg):
+        # Checked here, before torch, Lightning and transformers are imported (seconds), so
+        # a bad value fails at once; train() checks again for callers that skip the CLI.
+        from grpo_lab.config import ConfigError, validate
+
+        validate(cfg)
+        if command == "sft" and not (cfg.sft.enabled and cfg.sft.steps):
+            enabled = str(cfg.sft.enabled).lower()
+            raise ConfigError(
+                f"invalid config:\n  sft.enabled={enabled}, sft.steps={cfg.sft.steps}: grpo-lab sft "
+                "has no warm start to train (it needs sft.enabled=true and sft.steps >= 1)"
+            )
         from grpo_lab.train import silence_noise
 
         silence_noise()
@@ -69,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         from grpo_lab.sweep import prepare_argv
 
         rest = prepare_argv(rest)  # names a missing sweep plugin; seeds=N -> seed=S,...,S+N-1
+        from grpo_lab.config import removed_override_errors
+
+        removed = removed_override_errors(rest)
+        if removed:
+            print("invalid config:\n  " + "\n  ".join(removed), file=sys.stderr)
+            raise SystemExit(2)
         sys.argv = [f"grpo-lab-{command}", *rest]
         _hydra_app(command)()
     elif command == "report":

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
@@ -27,98 +30,264 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _rule(pred: Callable[[Any], bool], allowed: str) -> tuple[Callable[[Any], bool], str]:
-    return pred, allowed
+def _fmt(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-def _choice(*options: str | Enum) -> tuple[Callable[[Any], bool], str]:
+@dataclass(frozen=True)
+class Rule:
+    """A key that is not a bounded number: a predicate and what it allows, in words."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+    def __call__(self, value: Any) -> bool:
+        return self.ok(value)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric key: its type (``integer`` or any number) and its range.
+
+    ge/gt: lower limit, inclusive/exclusive; le/lt: upper limit (None = no limit on that side).
+    nullable: null is allowed too; special: values allowed outside the range (-1 = no limit);
+    why: what an end or a special value means, shown after the range.
+    """
+
+    integer: bool
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    nullable: bool = False
+    special: tuple[int, ...] = ()
+    why: str = ""
+
+    def __call__(self, v: Any) -> bool:
+        if v is None:
+            return self.nullable
+        if not (_is_int(v) if self.integer else _is_num(v)):
+            return False
+        if v in self.special:
+            return True
+        return (
+            (self.ge is None or v >= self.ge)
+            and (self.gt is None or v > self.gt)
+            and (self.le is None or v <= self.le)
+            and (self.lt is None or v < self.lt)
+        )
+
+    @property
+    def allowed(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        lo = self.ge if self.ge is not None else self.gt
+        hi = self.le if self.le is not None else self.lt
+        if lo is not None and hi is not None:
+            left, right = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
+            text = f"{kind} in {left}{_fmt(lo)}, {_fmt(hi)}{right}"
+        elif lo is not None:
+            text = f"{kind} {'>=' if self.ge is not None else '>'} {_fmt(lo)}"
+        elif hi is not None:
+            text = f"{kind} {'<=' if self.le is not None else '<'} {_fmt(hi)}"
+        else:
+            text = kind
+        if self.special:
+            text += " or " + " or ".join(_fmt(s) for s in self.special)
+        if self.nullable:
+            text = "null or " + text
+        return f"{text} ({self.why})" if self.why else text
+
+
+def _int(**kw: Any) -> Bound:
+    return Bound(integer=True, **kw)
+
+
+def _num(**kw: Any) -> Bound:
+    return Bound(integer=False, **kw)
+
+
+def _rule(ok: Callable[[Any], bool], allowed: str) -> Rule:
+    """A key whose rule is not a range: a predicate and what it allows, in words."""
+    return Rule(ok, allowed)
+
+
+def _choice(*options: str | Enum) -> Rule:
     names = tuple(o.value if isinstance(o, Enum) else o for o in options)
-    return (lambda v: v in names), "one of " + ", ".join(names)
+    return _rule(lambda v: v in names, "one of " + ", ".join(names))
 
 
-# key -> (predicate, what is allowed). Keys absent from the config are skipped.
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "G": _rule(
-        lambda v: _is_int(v) and v >= 2,
-        "an integer >= 2 (a group needs two completions to compare)",
-    ),
-    "epsilon": _rule(lambda v: _is_num(v) and 0 < v < 1, "a number with 0 < epsilon < 1"),
-    "beta": _rule(
-        lambda v: _is_num(v) and v >= 0,
-        "a number >= 0 (0 turns the KL term and the reference model off)",
-    ),
-    "mu": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "seed": _rule(_is_int, "an integer"),
-    "loss.epsilon_low": _rule(
-        lambda v: _is_num(v) and 0 < v < 1, "a number with 0 < epsilon_low < 1"
-    ),
-    "loss.epsilon_high": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
+_BOOL = _rule(lambda v: isinstance(v, bool), "true or false")
+_SEED = _int(ge=0, le=2**32 - 1)  # numpy's and Lightning's seed range
+_FRACTION = _num(ge=0, le=1)
+
+# key -> its rule. Keys absent from the config are skipped; ``*`` stands for one key level.
+# Keys under ``task.`` and ``reward.functions.<name>.`` are checked only for grpo_lab's own
+# tasks and rewards: a user's class gives its arguments their own meaning.
+RULES: dict[str, Rule | Bound] = {
+    # the paper's symbols
+    "G": _int(ge=2, why="a group needs two completions to compare"),
+    "epsilon": _num(gt=0, lt=1),
+    "beta": _num(ge=0, why="0 turns the KL term and the reference model off"),
+    "mu": _int(ge=1),
+    "seed": _SEED,
+    "num_threads": _int(ge=1, nullable=True, why="null = torch's default"),
+    "loss.epsilon_low": _num(gt=0, lt=1),
+    "loss.epsilon_high": _num(gt=0),
     "loss.aggregation": _choice(*schema.Aggregation),
     "loss.ratio_level": _choice(*schema.RatioLevel),
-    "loss.dual_clip": _rule(lambda v: v is None or (_is_num(v) and v > 1), "null or a number > 1"),
-    "loss.entropy_coef": _rule(_is_num, "a number"),
-    "loss.mask_truncated": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "loss.dual_clip": _num(gt=1, nullable=True),
+    "loss.entropy_coef": _num(ge=0, why="0 = no entropy bonus"),
+    "loss.mask_truncated": _BOOL,
     "kl.estimator": _choice(*schema.KLEstimator),
     "kl.mode": _choice(*schema.KLMode),
     "advantage.scale": _choice(*schema.AdvantageScale),
-    "advantage.eps": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "advantage.unbiased_std": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "train.rollouts": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "train.prompts_per_step": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "train.minibatch_size": _rule(
-        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
-    ),
-    "train.num_minibatches": _rule(
-        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
-    ),
-    "train.microbatch_size": _rule(
-        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
-    ),
-    "train.lr": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "train.weight_decay": _rule(lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "train.max_grad_norm": _rule(
-        lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0"
-    ),
-    "train.max_consecutive_skipped_steps": _rule(
-        lambda v: _is_int(v) and v >= 1,
-        "an integer >= 1 (optimizer steps with a non-finite gradient in a row before the run stops)",
+    "advantage.eps": _num(gt=0),
+    "advantage.unbiased_std": _BOOL,
+    # train.*
+    "train.rollouts": _int(ge=1),
+    "train.prompts_per_step": _int(ge=1),
+    "train.minibatch_size": _int(ge=1, nullable=True),
+    "train.num_minibatches": _int(ge=1, nullable=True),
+    "train.microbatch_size": _int(ge=1, nullable=True),
+    "train.lr": _num(gt=0),
+    "train.weight_decay": _num(ge=0),
+    "train.max_grad_norm": _num(gt=0, nullable=True),
+    "train.max_consecutive_skipped_steps": _int(
+        ge=1, why="optimizer steps with a non-finite gradient in a row before the run stops"
     ),
     "train.scheduler": _choice(*schema.Scheduler),
-    "train.warmup_steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "train.eval_every": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "train.eval_size": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "train.ref_sync_every": _rule(
-        lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = never refresh the reference)"
-    ),
-    "train.ref_sync_mix": _rule(
-        lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1] (1 = hard copy)"
-    ),
-    "train.dynamic_sampling": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "train.dynamic_sampling_max_tries": _rule(
-        lambda v: _is_int(v) and v >= 1, "an integer >= 1 (1 = sample once, only log the drop rate)"
-    ),
-    "sampler.max_new_tokens": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "sampler.temperature": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "sampler.top_k": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
-    "sampler.top_p": _rule(lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
-    "sampler.min_p": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1) (0 = off)"),
+    "train.warmup_steps": _int(ge=0),
+    "train.eval_every": _int(ge=1),
+    "train.eval_size": _int(ge=1),
+    "train.eval_batch_size": _int(ge=1),
+    "train.checkpoint_every": _int(ge=1, why="last.ckpt is kept as well"),
+    "train.log_samples_every": _int(ge=1),
+    "train.num_samples_logged": _int(ge=1),
+    "train.ref_sync_every": _int(ge=0, why="0 = never refresh the reference"),
+    "train.ref_sync_mix": _num(gt=0, le=1, why="1 = hard copy"),
+    "train.dynamic_sampling": _BOOL,
+    "train.dynamic_sampling_max_tries": _int(ge=1, why="1 = sample once, only log the drop rate"),
+    # sft.*
+    "sft.enabled": _BOOL,
+    "sft.steps": _int(ge=0, why="0 = no warm start"),
+    "sft.batch_size": _int(ge=1),
+    "sft.lr": _num(gt=0),
+    "sft.num_examples": _int(ge=1, nullable=True, why="null = the whole train split"),
+    # sampler.*
+    "sampler.max_new_tokens": _int(ge=1),
+    "sampler.temperature": _num(gt=0),
+    "sampler.top_k": _int(ge=0, why="0 = off"),
+    "sampler.top_p": _num(gt=0, le=1, why="1 = off"),
+    "sampler.min_p": _num(ge=0, lt=1, why="0 = off"),
+    # policy.*
+    "policy.hidden_size": _int(ge=1),
+    "policy.num_layers": _int(ge=1),
+    "policy.num_heads": _int(ge=1),
+    "policy.intermediate_size": _int(ge=1),
+    "policy.max_position_embeddings": _int(ge=1),
+    "policy.seed": _SEED,
+    "policy.trust_remote_code": _BOOL,
     "policy.use_chat_template": _rule(lambda v: v in ("auto", True, False), "auto, true or false"),
-    "policy.lora.enabled": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "policy.lora.r": _rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "policy.lora.alpha": _rule(lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "policy.lora.dropout": _rule(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "policy.lora.enabled": _BOOL,
+    "policy.lora.r": _int(ge=1),
+    "policy.lora.alpha": _num(gt=0),
     "reward.on_error": _choice(*schema.RewardOnError),
-    "sft.steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    # task.* of the shipped tasks
+    "task.seed": _SEED,
+    "task.eval_size": _int(ge=1),
+    "task.train_size": _int(ge=1),
+    "task.min_operand": _int(ge=0),
+    "task.max_operand": _int(ge=0),
+    "task.flawed_demo_fraction": _FRACTION,
+    "task.num_numbers": _int(ge=2, le=6),
+    "task.max_number": _int(ge=2),
+    "task.max_target": _int(ge=1),
+    "task.use_all": _BOOL,
+    "task.trap_fraction": _FRACTION,
+    "task.max_int": _int(ge=1),
+    "task.max_decimals": _int(ge=1),
+    "task.eval_fraction": _num(gt=0, lt=1),
+    # reward.* of the shipped rewards
+    "reward.weights.*": _num(),
+    "reward.functions.length.target": _int(ge=0, why="tokens allowed for free"),
+    "reward.functions.length.scale": _num(ge=0),
+    "reward.functions.overlong.max_len": _int(
+        ge=1, nullable=True, why="null = sampler.max_new_tokens"
+    ),
+    "reward.functions.overlong.cache": _int(ge=1, nullable=True, why="null = max_len // 5"),
+    "reward.functions.*.max_length": _int(ge=1),
+    "reward.functions.*.batch_size": _int(ge=1),
+    "reward.functions.*.local_files_only": _BOOL,
+    # trainer.* (lightning.Trainer)
+    "trainer.devices": _rule(
+        lambda v: (_is_int(v) and (v >= 1 or v == -1)) or isinstance(v, str) or _is_list(v),
+        "an integer >= 1, -1 (all), auto, or a list of device indices",
+    ),
+    "trainer.max_steps": _int(ge=1, nullable=True, why="null = derived from train.rollouts"),
+    "trainer.max_epochs": _int(ge=1, nullable=True, special=(-1,), why="-1 = no limit"),
+    "trainer.log_every_n_steps": _int(ge=1),
+    "trainer.num_sanity_val_steps": _int(ge=-1, why="-1 = all"),
+    # grpo-lab eval (conf/eval.yaml)
+    "eval.size": _int(ge=1, nullable=True, why="null = the run's train.eval_size"),
+    "eval.n": _int(ge=1),
+    "eval.k": _int(ge=1),
+    "eval.batch_size": _int(ge=1, nullable=True, why="null = the run's train.eval_batch_size"),
+    "eval.table_rows": _int(ge=1),
+    "policy_from_run": _BOOL,
+    "sweep.fail_fast": _BOOL,
+}
+
+# Keys that were options once and did nothing: key -> why they are gone (a clear error, not a
+# silent no-op). Checked on the command line (cli) and in the composed config (validate).
+REMOVED: dict[str, str] = {
+    "policy.lora.dropout": (
+        "LoRA dropout never applied: the policy stays in eval mode so that pi_old, pi_theta and "
+        "pi_ref are the same function of the weights (the ratio is 1 at the first inner step), "
+        "so dropout is off everywhere; leave the key out"
+    ),
 }
 
 
-def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+def _is_list(v: Any) -> bool:
+    return OmegaConf.is_list(v) or isinstance(v, list | tuple)
+
+
+def _get(cfg: Mapping, key: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted key; a ``???`` value counts as absent."""
     node: Any = cfg
     for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        if isinstance(node, DictConfig) and OmegaConf.is_missing(node, part):
             return False, None
         node = node[part]
-    return True, node
+    return node != "???", node
+
+
+def _expand(cfg: Mapping, pattern: str) -> Iterator[str]:
+    """The dotted keys of the config that a RULES pattern names (``*`` = any one key level)."""
+    head, star, rest = pattern.partition("*")
+    if not star:
+        if _get(cfg, pattern)[0]:
+            yield pattern
+        return
+    present, node = _get(cfg, head.rstrip(".")) if head else (True, cfg)
+    if present and isinstance(node, Mapping):
+        for name in node:
+            yield from _expand(cfg, f"{head}{name}{rest}")
+
+
+def _is_ours(cfg: Mapping, key: str) -> bool:
+    """False for a key of a user's own task or reward class (its ``_target_`` is not grpo_lab's)."""
+    parts = key.split(".")
+    if parts[0] == "task":
+        part = "task"
+    elif parts[:2] == ["reward", "functions"] and len(parts) > 3:
+        part = ".".join(parts[:3])
+    else:
+        return True
+    _, target = _get(cfg, f"{part}._target_")
+    return isinstance(target, str) and target.startswith("grpo_lab.")
 
 
 def _describe(tp: Any) -> str:
@@ -133,16 +302,22 @@ def _describe(tp: Any) -> str:
     )
 
 
-def schema_errors(cfg: DictConfig) -> dict[str, str]:
+@functools.cache
+def _structured(group_schema: type) -> DictConfig:
+    return OmegaConf.structured(group_schema)
+
+
+def schema_errors(cfg: Mapping) -> dict[str, str]:
     """Type errors against ``schema.SCHEMAS``: full key -> message (missing/unknown keys too)."""
     errors: dict[str, str] = {}
     for path, (group_schema, strict) in SCHEMAS.items():
         present, node = (True, cfg) if not path else _get(cfg, path)
-        if not present or not isinstance(node, DictConfig):
+        if not present or not isinstance(node, Mapping):
             continue
         prefix = f"{path}." if path else ""
         types = get_type_hints(group_schema)
         names = [f.name for f in dataclasses.fields(group_schema)]
+        typed = _structured(group_schema)  # its fields check a value on assignment
         if strict:
             for key in node:
                 if key not in types:
@@ -163,35 +338,45 @@ def schema_errors(cfg: DictConfig) -> dict[str, str]:
                 errors[prefix + name] = f"{prefix}{name} cannot be resolved: {err}"
                 continue
             try:
-                # One key at a time, so each bad key is named; the others stay MISSING.
-                OmegaConf.merge(OmegaConf.structured(group_schema), {name: value})
+                typed[name] = value  # one key at a time, so each bad key is named
             except OmegaConfBaseException:
                 key = prefix + name
-                allowed = RULES[key][1] if key in RULES else _describe(types[name])
+                allowed = RULES[key].allowed if key in RULES else _describe(types[name])
                 errors[key] = f"{key}={value!r} is invalid: expected {allowed}"
     return errors
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming every bad key, its value and what is allowed.
+def rule_errors(cfg: Mapping, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
+    """Range errors against ``RULES`` (and removed keys): full key -> message."""
+    errors: dict[str, str] = {}
+    for key, why in REMOVED.items():
+        if _get(cfg, key)[0]:
+            errors[key] = f"{key} is no longer an option: {why}"
+    for pattern, rule in RULES.items():
+        for key in _expand(cfg, pattern):
+            if key in skip or key in errors or not _is_ours(cfg, key):
+                continue
+            try:
+                _, value = _get(cfg, key)
+            except OmegaConfBaseException as err:
+                errors[key] = f"{key} cannot be resolved: {err}"
+                continue
+            if not rule(value):
+                errors[key] = f"{key}={value!r} is invalid: expected {rule.allowed}"
+    return errors
 
-    First the types (``schema.SCHEMAS``: wrong type, option outside the allowed ones, missing or
-    unknown key of kl/advantage/loss), then the ranges (``RULES``) of keys that typed correctly.
-    """
-    typed = schema_errors(cfg)
-    errors = list(typed.values())
-    for key, (ok, allowed) in RULES.items():
-        if key in typed:
-            continue
-        present, value = _get(cfg, key)
-        if present and not ok(value):
-            errors.append(f"{key}={value!r} is invalid: expected {allowed}")
-    _, B = _get(cfg, "train.prompts_per_step")
-    _, G = _get(cfg, "G")
-    _, mini = _get(cfg, "train.minibatch_size")
-    _, micro = _get(cfg, "train.microbatch_size")
-    _, parts = _get(cfg, "train.num_minibatches")
-    if not errors and _is_int(B) and _is_int(G):
+
+def cross_errors(cfg: Mapping) -> list[str]:
+    """Checks that involve two keys, each already valid on its own."""
+    errors = []
+
+    def value(key: str) -> Any:
+        return _get(cfg, key)[1]
+
+    B, G = value("train.prompts_per_step"), value("G")
+    mini, micro = value("train.minibatch_size"), value("train.microbatch_size")
+    parts = value("train.num_minibatches")
+    if _is_int(B) and _is_int(G):
         n = B * G
         if mini is not None and parts is not None:
             errors.append(
@@ -214,8 +399,73 @@ def validate(cfg: DictConfig) -> None:
                 f"train.microbatch_size={micro} is invalid: it must divide the mini-batch of "
                 f"{step} completions (e.g. {_divisors(step)})"
             )
+    width, heads = value("policy.hidden_size"), value("policy.num_heads")
+    if _is_int(width) and _is_int(heads) and width % heads:
+        errors.append(
+            f"policy.hidden_size={width} is invalid: it must be a multiple of "
+            f"policy.num_heads={heads} (each head gets hidden_size / num_heads dimensions)"
+        )
+    lo, hi = value("task.min_operand"), value("task.max_operand")
+    if _is_int(lo) and _is_int(hi) and hi < lo and _is_ours(cfg, "task.max_operand"):
+        errors.append(f"task.max_operand={hi} is invalid: it must be >= task.min_operand={lo}")
+    n, k = value("eval.n"), value("eval.k")
+    if _is_int(n) and _is_int(k) and k > n:
+        errors.append(f"eval.k={k} is invalid: expected 1 <= eval.k <= eval.n (eval.n={n})")
+    if _get(cfg, "reward.functions.overlong")[0] and _is_ours(
+        cfg, "reward.functions.overlong.cache"
+    ):
+        max_len = value("reward.functions.overlong.max_len") or value("sampler.max_new_tokens")
+        cache = value("reward.functions.overlong.cache")
+        if _is_int(max_len) and _is_int(cache) and cache > max_len:
+            errors.append(
+                f"reward.functions.overlong.cache={cache} is invalid: it must be <= max_len "
+                f"(L_max = {max_len})"
+            )
+    for key in ("ckpt_path", "ckpt"):
+        path = value(key)
+        if isinstance(path, str) and path and not Path(path).is_file():
+            errors.append(
+                f"{key}={path!r} does not exist; give a .ckpt written by a run, e.g. "
+                "outputs/<date>/<time>-<id>/checkpoints/last.ckpt"
+            )
+    return errors
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming every bad key, its value and what is allowed.
+
+    First the values left ``???``, the types (``schema.SCHEMAS``: wrong type, option outside the
+    allowed ones, missing or unknown key of kl/advantage/loss), and the ranges (``RULES``) of
+    keys that typed correctly; then the checks across keys (``cross_errors``) once every key is
+    right on its own.
+    """
+    errors = [
+        f"{key} is missing: it has no default, give one ({key}=...)"
+        for key in sorted(OmegaConf.missing_keys(cfg))
+    ]
+    try:  # resolved once into plain dicts: many times faster to read than key by key
+        view: Mapping = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException:
+        view = cfg  # an interpolation that fails: read key by key, naming the key
+    typed = schema_errors(view)
+    errors += [*typed.values(), *rule_errors(view, skip=set(typed)).values()]
+    if not errors:
+        errors = cross_errors(view)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def removed_override_errors(overrides: list[str]) -> list[str]:
+    """Command-line overrides of a ``REMOVED`` key (``policy.lora.dropout=0.1``): what to say.
+
+    Checked before Hydra composes, which would otherwise only say the key is not in the config.
+    """
+    errors = []
+    for arg in overrides:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key in REMOVED:
+            errors.append(f"{key} is no longer an option: {REMOVED[key]}")
+    return errors
 
 
 def _divisors(n: int) -> str:

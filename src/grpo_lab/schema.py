@@ -5,8 +5,9 @@ algorithm's top-level and ``train.*`` keys.
 value of the wrong type (``G=abc``, ``loss.dual_clip=foo``), an option outside an enum
 (``kl.estimator=k4``), a missing key or an unknown key (``+loss.foo=1``) fails before any
 compute, naming the key, the value and what is allowed. Ranges (``G >= 2``, ``0 < ref_sync_mix
-<= 1``) are ``config.RULES``. The YAML files in ``conf/{kl,advantage,loss}/`` give the values;
-these classes only say what each value may be.
+<= 1``) are ``config.RULES``, which also types and bounds every other numeric key of ``conf/``.
+The YAML files in ``conf/{kl,advantage,loss}/`` give the values; these classes only say what
+each value may be.
 """
 
 from __future__ import annotations
@@ -96,11 +97,12 @@ class TopSchema:
     beta: float
     mu: int
     seed: int
+    num_threads: Optional[int]  # noqa: UP045
 
 
 @dataclass
 class TrainSchema:
-    """The typed keys of ``train.*`` (other ``train`` keys are not checked here)."""
+    """The keys of ``train.*`` and their types (their ranges: ``config.RULES``)."""
 
     rollouts: int
     prompts_per_step: int
@@ -115,6 +117,11 @@ class TrainSchema:
     max_consecutive_skipped_steps: int
     eval_every: int
     eval_size: int
+    eval_batch_size: int
+    checkpoint_every: int
+    log_samples_every: int
+    num_samples_logged: int
+    objective: str
     ref_sync_every: int
     ref_sync_mix: float
     dynamic_sampling: bool

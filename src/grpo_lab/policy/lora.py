@@ -22,7 +22,15 @@ def apply_lora(
     """The model wrapped with LoRA adapters (``policy.lora.*``), or the model as is when disabled.
 
     Only the adapter weights require grad afterwards; the base weights are frozen.
+    dropout: 0 only. GRPOModule keeps the policy in eval mode (pi_old, pi_theta and pi_ref must be
+    the same function of the weights), so LoRA dropout would never apply; 0 is still accepted
+    because the saved configs of runs from before the key was removed hold it.
     """
+    if dropout:
+        raise ValueError(
+            f"policy.lora.dropout={dropout} is not supported: LoRA dropout never applies, "
+            "the policy stays in eval mode so that pi_old == pi_theta"
+        )
     if not enabled:
         return model
     try:
@@ -36,7 +44,7 @@ def apply_lora(
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
-        lora_dropout=dropout,
+        lora_dropout=0.0,
         target_modules=list(target_modules),
         task_type="CAUSAL_LM",
     )

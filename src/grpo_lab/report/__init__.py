@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Tables, plots and verdicts of a sweep, logged to its MLflow parent run.",
     )
     parser.add_argument(
-        "source", help="a sweep folder (multirun/<date>/<time>) or an MLflow experiment name"
+        "source", help="a sweep folder (multirun/<date>/<time>-<id>) or an MLflow experiment name"
     )
     parser.add_argument(
         "--tracking-uri",

@@ -95,7 +95,7 @@ def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | No
         if not info_file.is_file():
             raise SystemExit(
                 f"grpo-lab report: {source} has no {SWEEP_FILE}: give a folder made by "
-                "`grpo-lab train -m ...` (multirun/<date>/<time>) or an MLflow experiment name"
+                "`grpo-lab train -m ...` (multirun/<date>/<time>-<id>) or an MLflow experiment name"
             )
         info = json.loads(info_file.read_text())
         sweep_dir = path.resolve()
@@ -111,7 +111,7 @@ def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | No
         if exp is None:
             raise SystemExit(
                 f"grpo-lab report: {source!r} is neither a sweep folder nor an experiment in {uri} "
-                "(give multirun/<date>/<time>, or an experiment name with --tracking-uri)"
+                "(give multirun/<date>/<time>-<id>, or an experiment name with --tracking-uri)"
             )
         exp_id = exp.experiment_id
         parents = MlflowClient(tracking_uri=uri).search_runs(
