@@ -69,12 +69,15 @@ if not OmegaConf.has_resolver("grpo_lab_run_id"):
     OmegaConf.register_new_resolver("grpo_lab_run_id", _run_id, use_cache=True)
 
 
-def _hydra_app(command: str):
+def _hydra_app(command: str, argv0: str, overrides: list[str]):
     import hydra
 
     from grpo_lab.paths import config_dir
 
     def task(cfg):
+        # Hydra has parsed its arguments; give back an argv that re-runs this command. Lightning's
+        # DDP launcher starts the other ranks with [python, argv[0] (or -m its module), *argv[1:]].
+        sys.argv = [argv0, command, *overrides]
         try:
             return run(cfg)
         except Exception as err:
@@ -135,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         if removed:
             print("invalid config:\n  " + "\n  ".join(removed), file=sys.stderr)
             raise SystemExit(2)
-        sys.argv = [f"grpo-lab-{command}", *rest]
-        _hydra_app(command)()
+        argv0 = sys.argv[0]
+        sys.argv = [f"grpo-lab-{command}", *rest]  # what Hydra parses (and names the job by)
+        _hydra_app(command, argv0, rest)()
     elif command == "report":
         from grpo_lab.report import main as report_main
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -116,6 +117,19 @@ def _choice(*options: str | Enum) -> Rule:
     return _rule(lambda v: v in names, "one of " + ", ".join(names))
 
 
+# Lightning's precision settings (conf/trainer/*); Hydra reads the short forms as ints.
+PRECISIONS = (
+    "32-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "32",
+    "16",
+    "64",
+)
+
 _BOOL = _rule(lambda v: isinstance(v, bool), "true or false")
 _SEED = _int(ge=0, le=2**32 - 1)  # numpy's and Lightning's seed range
 _FRACTION = _num(ge=0, le=1)
@@ -227,6 +241,11 @@ RULES: dict[str, Rule | Bound] = {
     "trainer.max_epochs": _int(ge=1, nullable=True, special=(-1,), why="-1 = no limit"),
     "trainer.log_every_n_steps": _int(ge=1),
     "trainer.num_sanity_val_steps": _int(ge=-1, why="-1 = all"),
+    "trainer.precision": _rule(lambda v: str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+    "trainer.strategy": _rule(
+        lambda v: not str(v).startswith("deepspeed") or importlib.util.find_spec("deepspeed"),
+        "a strategy whose package is installed (deepspeed needs: pip install deepspeed)",
+    ),
     # grpo-lab eval (conf/eval.yaml)
     "eval.size": _int(ge=1, nullable=True, why="null = the run's train.eval_size"),
     "eval.n": _int(ge=1),

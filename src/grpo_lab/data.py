@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from grpo_lab.distributed import EvalShard
 from grpo_lab.tasks.base import Example, Task
 
 
@@ -119,9 +120,12 @@ class TaskDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        examples = self.task.eval()[: self.eval_size]
+        # Under DDP each rank scores a disjoint shard; the module sums the counts over ranks.
         return DataLoader(
-            self.task.eval()[: self.eval_size],
+            examples,
             batch_size=self.eval_batch_size,
+            sampler=EvalShard(examples),
             collate_fn=_as_list,
             generator=self._generator(),
         )

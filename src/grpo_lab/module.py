@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
-from grpo_lab import objective
+from grpo_lab import distributed, objective
 from grpo_lab.policy.build import Policy, frozen_copy
 from grpo_lab.policy.lora import is_lora
 from grpo_lab.rewards.combine import RewardSet
@@ -242,6 +242,8 @@ class GRPOModule(L.LightningModule):
             "perf/step_time_s": elapsed,
             "perf/tokens_per_s": n_tokens * self.algo.mu / elapsed,
         }
+        # Under DDP each rank has its own prompts: log the step's statistics over all of them.
+        metrics = distributed.mean_over_ranks(metrics)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
         self.log(
             "reward_mean", metrics["reward"], prog_bar=True, logger=False, batch_size=len(batch)
@@ -414,6 +416,7 @@ class GRPOModule(L.LightningModule):
                 idx = order[start : start + mini]
                 stats = self._minibatch_step(rollout, idx, micro, opt)
                 grad_norm = self._clip_and_step(opt)
+                lr = sched.get_last_lr()[0]  # the rate this update used, not the next one's
                 # The schedule follows planned updates (global_step), skipped ones included.
                 sched.step()
                 if math.isfinite(grad_norm):
@@ -427,7 +430,7 @@ class GRPOModule(L.LightningModule):
         out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         out["skipped_steps"] = float(skipped)
         out["skipped_steps_total"] = float(self.skipped_steps_total)
-        out["lr"] = sched.get_last_lr()[0]
+        out["lr"] = lr  # of the rollout's last update
         return out
 
     def _minibatch_step(self, rollout: Rollout, idx: Tensor, micro: int, opt) -> dict[str, float]:
@@ -436,7 +439,9 @@ class GRPOModule(L.LightningModule):
         if self.algo.mask_truncated:
             mask = mask * (~rollout.completions.truncated).long().unsqueeze(1)
         by_tokens = self.algo.aggregation == "token_mean"
-        total = mask[idx].sum().clamp(min=1).item() if by_tokens else float(len(idx))
+        # seq_mean_* need no communication: every rank holds as many rows, so DDP's average of
+        # the ranks' row means is the row mean over all ranks. token_mean does (see distributed).
+        total = distributed.token_mean_denominator(mask[idx].sum()) if by_tokens else len(idx)
         total_tokens = mask[idx].sum().clamp(min=1).item()
         opt.zero_grad(set_to_none=True)
         chunks = list(torch.split(idx, micro))
@@ -607,18 +612,27 @@ class GRPOModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         outs, self._eval_outputs = self._eval_outputs, []
-        n = sum(o["n"] for o in outs)
+        # Each rank scored its own shard of the eval prompts: sum the counts over ranks (every
+        # rank, even one with an empty shard, must take part).
+        keys = ("n", "correct", "reward", "length")
+        local = torch.tensor(
+            [[o[k] for k in keys] for o in outs] or [[0.0] * 4], dtype=torch.float64
+        )
+        n, correct, reward, length = distributed.sum_over_ranks(
+            local.sum(0).to(self.device)
+        ).tolist()
         if not n:
             return
         self.log_dict(
             {
-                "eval/accuracy": sum(o["correct"] for o in outs) / n,
-                "eval/reward": sum(o["reward"] for o in outs) / n,
-                "eval/mean_length": sum(o["length"] for o in outs) / n,
+                "eval/accuracy": correct / n,
+                "eval/reward": reward / n,
+                "eval/mean_length": length / n,
                 "step": float(self.rollouts_done),  # an eval after rollout N sits at step N
             },
             on_epoch=True,
-            batch_size=n,
+            batch_size=int(n),
+            sync_dist=True,  # the values are already global (equal on every rank): a no-op mean
         )
 
 

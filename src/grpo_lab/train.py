@@ -11,10 +11,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_lab import sweep, tracking
+from grpo_lab import distributed, sweep, tracking
 from grpo_lab.callbacks import RNGStates, RolloutCheckpoint, RolloutProgressBar
 from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
@@ -93,6 +94,17 @@ def optimizer_steps(cfg: DictConfig) -> int:
     return cfg.train.rollouts * cfg.mu * minibatches
 
 
+def optim_config(cfg: DictConfig) -> OptimConfig:
+    """AdamW and its schedule from the composed config; the schedule spans the whole run."""
+    return OptimConfig(
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_steps=cfg.train.warmup_steps,
+        scheduler=cfg.train.scheduler,
+        total_steps=optimizer_steps(cfg),
+    )
+
+
 def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
     """The policy to train: the SFT warm start when ``sft.enabled``, else the configured one."""
     if not cfg.sft.enabled or cfg.sft.steps == 0:
@@ -129,7 +141,11 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
 
 def make_logger(cfg: DictConfig) -> MLFlowLogger:
     lcfg = cfg.logger
-    tracking.ensure_experiment(lcfg.tracking_uri, lcfg.experiment_name)
+    # Under DDP every rank runs this; MLFlowLogger creates a run on rank 0 only (its run_id is
+    # None elsewhere), so only rank 0 touches the store and writes mlflow_run.json.
+    rank0 = distributed.launched_rank() == 0
+    if rank0:
+        tracking.ensure_experiment(lcfg.tracking_uri, lcfg.experiment_name)
     tags = {k: str(v) for k, v in (lcfg.get("tags") or {}).items()}
     sweep_name, sweep_tags = sweep.job_tags()  # parent run, sweep id, job number in a -m sweep
     tags.update(sweep_tags)
@@ -142,7 +158,10 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
         log_model=False,
     )
     # mlflow_run.json beside checkpoints/: eval links a checkpoint to this run, the sweep finds it.
-    sweep.write_run_file(output_dir(cfg), logger.run_id, logger.experiment_id, lcfg.tracking_uri)
+    if rank0:
+        sweep.write_run_file(
+            output_dir(cfg), logger.run_id, logger.experiment_id, lcfg.tracking_uri
+        )
     return logger
 
 
@@ -169,10 +188,13 @@ def train(cfg: DictConfig) -> float:
         tracking.log_config(logger, cfg)
         objective = _fit(cfg, logger, out, ckpt_path)
     except BaseException as err:
-        sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
+        if distributed.launched_rank() == 0:
+            sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
         logger.finalize("FAILED")
         raise
     logger.finalize("FINISHED")
+    if distributed.launched_rank() > 0:
+        return objective  # rank 0 reports the run
     log.info("objective %s = %.4f", cfg.train.objective, objective)
     print(f"[grpo-lab] {cfg.train.objective} = {objective:.4f}  (run {logger.run_id})")
     print(f"[grpo-lab] checkpoints: {out / 'checkpoints'}")
@@ -197,13 +219,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         rewards=rewards,
         sampler=sampler,
         algo=algo_config(cfg),
-        optim=OptimConfig(
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            warmup_steps=cfg.train.warmup_steps,
-            scheduler=cfg.train.scheduler,
-            total_steps=optimizer_steps(cfg),
-        ),
+        optim=optim_config(cfg),
     )
     datamodule = TaskDataModule(
         task, cfg.train.prompts_per_step, cfg.train.eval_size, cfg.train.eval_batch_size, cfg.seed
@@ -220,6 +236,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         checkpoint,
         RNGStates(),
         tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged),
+        distributed.RankSeed(cfg.seed),  # after RNGStates: both act at the first batch
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         per_rollout = optimizer_steps(cfg) // cfg.train.rollouts
@@ -235,6 +252,8 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         # The prompt sampler (data.PromptBatches) splits the prompts between ranks itself.
         use_distributed_sampler=False,
     )
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    distributed.check_launch(trainer, multirun, cfg.trainer.strategy, cfg.trainer.devices)
     # The GRPO stage starts from the seed's RNG state whether the warm start was trained just now
     # or read from the cache (training it draws random numbers), so both runs sample alike.
     L.seed_everything(cfg.seed, workers=True, verbose=False)

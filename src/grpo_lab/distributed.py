@@ -1,0 +1,195 @@
+"""Multi-process runs (``trainer=ddp`` and kin) that compute what one process computes.
+
+Lightning launches the processes and wraps the model; this module holds the few things GRPO
+needs on top, each a small function over ``torch.distributed`` that is the identity in a
+single process:
+
+- Each rank samples its own completions: ``rank_seed`` gives rank r > 0 a seed of its own,
+  derived from (seed, rank); ``RankSeed`` applies it at the first training batch. A prompt's G
+  completions are sampled on one rank, so group advantages need no communication.
+- ``loss=token_mean`` divides by the token count of the whole step, over all ranks
+  (``token_mean_denominator``), not by each rank's own count.
+- Per-rollout metrics are means over ranks (``mean_over_ranks``); eval counts are summed over
+  ranks (``sum_over_ranks``) over disjoint shards of the eval prompts (``EvalShard``).
+- ``launched_rank``: which process this is, before any process group exists, so that only
+  rank 0 creates the MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DistributedSampler
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_rank() -> int:
+    """The global rank Lightning launched this process as (0 for the process the user started).
+
+    Lightning's launcher sets LOCAL_RANK/NODE_RANK in the environment of the processes it starts
+    (torchrun sets RANK, SLURM SLURM_PROCID); Lightning's ``rank_zero_only`` reads them when it
+    is imported, and ``MLFlowLogger`` creates a run only where that rank is 0. Known before any
+    process group exists.
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The sampling seed of ``rank``: ``seed`` itself on rank 0 of a fresh start (a one-process
+    run samples as before), otherwise a 32-bit seed mixed from (seed, rank, step), different for
+    every rank. ``step``: the optimizer step a resumed run starts at (0 on a fresh start)."""
+    if rank == 0 and step == 0:
+        return seed
+    entropy = [seed % 2**64, rank, step]  # SeedSequence takes non-negative integers
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
+
+
+class RankSeed(L.Callback):
+    """Reseeds torch, numpy and random on ranks > 0 at their first training batch.
+
+    Every rank starts from the same ``seed`` (``seed_everything``), so without this all ranks
+    sample the same completions for the same prompt. Rank 0 keeps its stream, so one-process
+    runs are unchanged. It acts at the first batch, and
+    must come after any callback that restores RNG states from a checkpoint at that point: a
+    checkpoint holds one rank's states, which the other ranks must not replay.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._pending = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = True
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        if trainer.world_size > 1 and trainer.global_rank > 0:
+            s = rank_seed(self.seed, trainer.global_rank, trainer.global_step)
+            torch.manual_seed(s)
+            np.random.seed(s)
+            random.seed(s)
+
+
+def sum_over_ranks(values: Tensor) -> Tensor:
+    """Element-wise sum of ``values`` over all ranks (a copy; ``values`` itself in one process)."""
+    if world()[1] == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def token_mean_denominator(local_tokens: Tensor) -> float:
+    """What each rank divides its token sum by, so that DDP's gradient average is the token mean
+    over every rank's tokens: global tokens / world size.
+
+    Rank r's loss is S_r / (T / W), with S_r its token sum and T the tokens of all W ranks; DDP
+    averages gradients, (1/W) sum_r W S_r / T = sum_r S_r / T. Dividing by the local count T_r
+    instead would give (1/W) sum_r S_r / T_r, which weighs a short completion on a rank with
+    few tokens more than one on a busy rank. Every rank must call this once per mini-batch.
+    """
+    size = world()[1]
+    total = sum_over_ranks(local_tokens.detach().to(torch.float64).reshape(1))
+    return max(float(total.item()), 1.0) / size
+
+
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Per-step metrics of all ranks combined (``combine_rank_metrics``). Every rank must call
+    this at the same point; one process gets its own metrics back."""
+    size = world()[1]
+    if size == 1:
+        return dict(metrics)
+    gathered: list[dict[str, float]] = [{}] * size
+    dist.all_gather_object(gathered, dict(metrics))
+    return combine_rank_metrics(gathered)
+
+
+def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """The mean over ranks, except the max of ``*/max`` and ``*/max_*`` and the min of ``*/min``
+    and ``*/min_*``. A key some rank lacks (a reward none of its completions applied to) is
+    combined over the ranks that have it."""
+    out: dict[str, float] = {}
+    for key in sorted({k for m in per_rank for k in m}):
+        values = [float(m[key]) for m in per_rank if key in m]
+        leaf = key.rsplit("/", 1)[-1]
+        if leaf == "max" or leaf.startswith("max_"):
+            out[key] = max(values)
+        elif leaf == "min" or leaf.startswith("min_"):
+            out[key] = min(values)
+        else:
+            out[key] = math.fsum(values) / len(values)
+    return out
+
+
+class EvalShard(DistributedSampler):
+    """Rank r of W evaluates prompts r, r + W, r + 2W, ...: every prompt exactly once over all
+    ranks. torch's DistributedSampler pads shards to equal length with repeated prompts, which
+    would count those twice in a summed accuracy. Being a DistributedSampler, Lightning keeps it
+    instead of putting its own in. In one process it yields 0..n-1 in order."""
+
+    def __init__(
+        self, dataset: Sized, rank: int | None = None, world_size: int | None = None
+    ) -> None:
+        """rank, world_size: this process's by default (from the process group)."""
+        if rank is None or world_size is None:
+            rank, size = world()
+        else:
+            size = world_size
+        super().__init__(dataset, num_replicas=size, rank=rank, shuffle=False)
+        self.indices = range(rank, len(dataset), size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def check_launch(trainer: L.Trainer, multirun: bool, strategy: Any, devices: Any) -> None:
+    """Refuse a strategy that starts its ranks by re-running the command line inside a ``-m``
+    sweep: each rank would re-run the whole sweep (Lightning #11300, Hydra #2070).
+
+    Lightning's subprocess launcher starts ranks 1..N-1 with ``[python, *sys.argv]`` unless a
+    cluster environment (torchrun, SLURM with ``tasks_per_node`` = devices) has started them.
+    strategy, devices: ``trainer.strategy`` and ``trainer.devices`` as configured (for the error).
+    """
+    from lightning.pytorch.strategies.launchers.subprocess_script import (
+        _SubprocessScriptLauncher,
+    )
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (
+        multirun
+        and trainer.num_devices * trainer.num_nodes > 1
+        and isinstance(launcher, _SubprocessScriptLauncher)
+        and not launcher.cluster_environment.creates_processes_externally
+    ):
+        from grpo_lab.config import ConfigError
+
+        raise ConfigError(
+            f"trainer.strategy={strategy!r} with trainer.devices={devices!r} "
+            f"({trainer.num_devices} processes) is refused inside a -m sweep: Lightning would "
+            "start the other ranks by re-running the command, that is the whole sweep. Use "
+            "trainer=ddp_spawn, or one job per GPU (hydra/launcher=parallel_gpu), or "
+            "hydra/launcher=slurm with tasks_per_node = trainer.devices"
+        )
