@@ -45,6 +45,15 @@ STEP_METRICS = [
 ]
 
 
+# FAST with a warm start that samples some correct answers: groups have reward variance, so the
+# policy moves (with FAST's 5 SFT steps every reward is 0 and every gradient 0).
+LEARNING = [o for o in FAST if not o.startswith("sft.")] + [
+    "sft.steps=80",
+    "sft.lr=3e-3",
+    "sft.num_examples=50",
+]
+
+
 def compose_default(*overrides: str):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
@@ -225,7 +234,7 @@ def test_two_runs_started_in_the_same_second_get_their_own_run_dirs(
 
 @pytest.mark.slow
 def test_two_step_run_through_the_cli_logs_everything_to_mlflow(run_cli, tmp_path, tracking_uri):
-    proc = run_cli("train", *FAST)
+    proc = run_cli("train", *LEARNING)
     assert "eval/accuracy = " in proc.stdout and "workflowType=machine_learning" in proc.stdout
     client, run = only_run(tracking_uri)
     assert run.info.status == "FINISHED"
@@ -263,25 +272,186 @@ def test_two_step_run_through_the_cli_logs_everything_to_mlflow(run_cli, tmp_pat
     assert set(table["columns"]) >= {"prompt", "completion", "reward", "advantage"}
     assert len(table["data"]) == 16  # train.num_samples_logged
 
-    # Lightning checkpoints, resumable
-    ckpts = list(tmp_path.glob("outputs/*/*/checkpoints/*.ckpt"))
-    assert any(c.name == "last.ckpt" for c in ckpts)
+    # last.ckpt holds the end of the run: its counters, and the weights that the final eval scored
+    (last,) = tmp_path.glob("outputs/*/*/checkpoints/last.ckpt")
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2 and state["grpo_rollouts_done"] == 2
+    assert _adam_steps(state) == 2  # two optimizer updates (mu=1, one mini-batch per rollout)
+    from safetensors.torch import load_file
+
+    warm = load_file(Path(run.data.tags["grpo_lab.sft_warm_start"]) / "model.safetensors")
+    assert any(  # the policy moved away from the warm start
+        not torch.equal(state["state_dict"][f"policy.{k}"], v)
+        for k, v in warm.items()
+        if f"policy.{k}" in state["state_dict"]
+    )
+    final = run.data.metrics
+    greedy = _greedy_eval_of_checkpoint(last)
+    assert greedy["eval/accuracy"] == pytest.approx(final["eval/accuracy_final"])
+    assert greedy["eval/mean_length"] == pytest.approx(final["eval/mean_length_final"])
+
+
+def _adam_steps(state: dict) -> int:
+    """Optimizer updates recorded in a checkpoint's AdamW state (the same for every parameter)."""
+    (opt,) = state["optimizer_states"]
+    steps = {int(s["step"]) for s in opt["state"].values()}
+    assert len(steps) == 1, steps
+    return steps.pop()
+
+
+def _greedy_eval_of_checkpoint(ckpt: Path) -> dict[str, float]:
+    """Greedy accuracy and mean completion length of a checkpoint's policy on the run's eval
+    prompts, rebuilt here from the run's saved config (not through the training code)."""
+    from omegaconf import OmegaConf
+
+    from grpo_lab.evaluate import encode_prompts, load_checkpoint_policy
+
+    run_cfg = OmegaConf.load(ckpt.parent.parent / ".hydra" / "config.yaml")
+    policy = load_checkpoint_policy(run_cfg, ckpt)
+    task = instantiate(run_cfg.task)
+    sampler = instantiate(run_cfg.sampler)
+    examples = task.eval()[: run_cfg.train.eval_size]
+    enc = encode_prompts(policy, examples, task)
+    with torch.no_grad():
+        comp = sampler.sample(policy.model, enc["input_ids"], enc["attention_mask"], 1, greedy=True)
+    texts = policy.tokenizer.batch_decode(comp.completion_ids, skip_special_tokens=True)
+    return {
+        "eval/accuracy": sum(task.is_correct(t, ex) for t, ex in zip(texts, examples))
+        / len(examples),
+        "eval/mean_length": comp.lengths.float().mean().item(),
+    }
 
 
 @pytest.mark.slow
-def test_resume_from_checkpoint_continues_where_it_stopped(run_cli, tmp_path, tracking_uri):
-    run_cli("train", *FAST)
-    last = next(tmp_path.glob("outputs/*/*/checkpoints/last.ckpt"))
-    state = torch.load(last, map_location="cpu", weights_only=False)
-    assert state["global_step"] == 2 and state["grpo_rollouts_done"] == 2
-    run_cli("train", *FAST, "train.rollouts=3", f"ckpt_path={last}")
+def test_last_checkpoint_is_written_at_the_end_of_training(run_cli, tmp_path, tracking_uri):
+    """3 rollouts with a checkpoint every 2: last.ckpt must hold rollout 3, not rollout 2."""
+    run_cli("train", *LEARNING, "train.rollouts=3", "train.checkpoint_every=2")
+    ckpts = tmp_path.glob("outputs/*/*/checkpoints")
+    (ckpt_dir,) = ckpts
+    assert (ckpt_dir / "rollout-step=2.ckpt").is_file()
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    at_2 = torch.load(ckpt_dir / "rollout-step=2.ckpt", map_location="cpu", weights_only=False)
+    assert (last["global_step"], last["grpo_rollouts_done"], _adam_steps(last)) == (3, 3, 3)
+    # one more update than the checkpoint at rollout 2: the policy moved
+    assert any(
+        not torch.equal(last["state_dict"][k], at_2["state_dict"][k])
+        for k in at_2["state_dict"]
+        if k.startswith("policy.")
+    )
+    # and it is the policy the final eval scored
+    _, run = only_run(tracking_uri)
+    greedy = _greedy_eval_of_checkpoint(ckpt_dir / "last.ckpt")
+    assert greedy["eval/mean_length"] == pytest.approx(run.data.metrics["eval/mean_length_final"])
+
+
+def _history(client: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:
+    """metric -> {step: value} for every metric of a run."""
+    keys = client.get_run(run_id).data.metrics
+    return {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in keys}
+
+
+def _prompts_by_rollout(client: MlflowClient, run_id: str, tmp: Path) -> dict[int, list[str]]:
+    """The prompts of each rollout, from the completion tables (all B*G rows in FAST)."""
+    out = {}
+    for art in client.list_artifacts(run_id, "completions"):
+        table = json.loads(Path(client.download_artifacts(run_id, art.path, str(tmp))).read_text())
+        cols = table["columns"]
+        rows = [dict(zip(cols, r)) for r in table["data"]]
+        out[rows[0]["rollout"]] = [r["prompt"] for r in rows]
+    return out
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_an_uninterrupted_run(run_cli, tmp_path, tracking_uri):
+    """2 rollouts, then resumed for 2 more == 4 rollouts in one go: the same prompts in the same
+    order, the same samples (RNG states restored), the same weights and per-rollout metrics."""
+    run_cli("train", *LEARNING, "train.rollouts=4", "hydra.run.dir=outputs/whole")
+    run_cli("train", *LEARNING, "train.rollouts=2", "hydra.run.dir=outputs/first")
+    first_last = tmp_path / "outputs/first/checkpoints/last.ckpt"
+    run_cli(
+        "train",
+        *LEARNING,
+        "train.rollouts=4",
+        "hydra.run.dir=outputs/resumed",
+        f"ckpt_path={first_last}",
+    )
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name("grpo_lab")
-    resumed = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
-    # one more rollout, counted on from the checkpoint
-    assert [m.value for m in client.get_metric_history(resumed.info.run_id, "rollout")] == [3.0]
+    run_ids = {
+        name: json.loads((tmp_path / "outputs" / name / "mlflow_run.json").read_text())["run_id"]
+        for name in ("whole", "first", "resumed")
+    }
+    whole = torch.load(tmp_path / "outputs/whole/checkpoints/last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "outputs/resumed/checkpoints/last.ckpt", weights_only=False)
+    assert resumed["global_step"] == whole["global_step"] == 4
+    assert resumed["grpo_rollouts_done"] == 4
+    assert whole["state_dict"].keys() == resumed["state_dict"].keys()
+    first = torch.load(first_last, weights_only=False)
+    # rollouts 3 and 4 moved the policy, so the comparison below can fail
+    assert any(
+        not torch.equal(value, first["state_dict"][key])
+        for key, value in whole["state_dict"].items()
+        if key.startswith("policy.")
+    )
+    for key, value in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, msg=key)
+
+    # the prompts: 4 different batches, and the resumed run continues the order (3, 4), not
+    # restarting it (1, 2)
+    prompts = {n: _prompts_by_rollout(client, run_ids[n], tmp_path / n) for n in run_ids}
+    assert sorted(prompts["whole"]) == [1, 2, 3, 4] and sorted(prompts["resumed"]) == [3, 4]
+    assert len({tuple(p) for p in prompts["whole"].values()}) == 4
+    assert prompts["first"] == {n: prompts["whole"][n] for n in (1, 2)}
+    assert prompts["resumed"] == {n: prompts["whole"][n] for n in (3, 4)}
+
+    # every per-rollout training metric, at the same rollout steps (timings excepted)
+    history = {n: _history(client, run_ids[n]) for n in run_ids}
+    per_rollout = [k for k in history["whole"] if k in STEP_METRICS and not k.startswith("perf/")]
+    assert len(per_rollout) == len(STEP_METRICS) - 2
+    for key in per_rollout:
+        w = history["whole"][key]
+        assert sorted(w) == [1, 2, 3, 4], (key, w)
+        assert history["first"][key] == pytest.approx({s: w[s] for s in (1, 2)}), key
+        assert history["resumed"][key] == pytest.approx({s: w[s] for s in (3, 4)}), key
+    # the rollout counter goes on from the checkpoint; its step is the rollout
+    assert history["resumed"]["rollout"] == {3: 3.0, 4: 4.0}
+    # the evals after rollouts 3 and 4 see the same policy
+    for step in (3, 4):
+        assert history["resumed"]["eval/mean_length"][step] == pytest.approx(
+            history["whole"]["eval/mean_length"][step]
+        )
+    assert history["resumed"]["eval/mean_length_final"] == pytest.approx(
+        history["whole"]["eval/mean_length_final"]
+    )
+
     proc = run_cli("train", *FAST, "ckpt_path=does/not/exist.ckpt", check=False)
     assert proc.returncode != 0 and "ckpt_path='does/not/exist.ckpt' does not exist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_final_eval_is_stepped_by_rollout(run_cli, tracking_uri):
+    """mu=2 and 2 mini-batches: 4 optimizer steps per rollout, 8 in all, yet the final eval
+    sits at the last rollout's step (2), like every other metric."""
+    run_cli("train", *FAST, "mu=2", "train.minibatch_size=8")
+    client, run = only_run(tracking_uri)
+    rollout = client.get_metric_history(run.info.run_id, "rollout")
+    assert [(m.step, m.value) for m in rollout] == [(1, 1.0), (2, 2.0)]
+    for key in ("eval/accuracy_final", "eval/mean_length_final", "eval/reward_final"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2], key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy_start")] == [
+        0
+    ]
+
+
+@pytest.mark.slow
+def test_progress_bar_counts_rollouts_and_shows_the_reward(run_cli):
+    overrides = [o for o in FAST if not o.startswith("trainer.enable_progress_bar")]
+    proc = run_cli("train", *overrides, "train.rollouts=3", "trainer.enable_progress_bar=true")
+    # Lightning's default bar (rich, on stdout) counted batches of an endless epoch
+    assert "Epoch 0/-2" not in proc.stdout + proc.stderr
+    # Lightning's tqdm bars write to stdout: "rollouts: 100%|...| 3/3 [00:01<00:00, reward_mean=0.144]"
+    bar = re.search(r"rollouts: 100%\|.*?\| 3/3 \[[^\]]*reward_mean=-?[\d.e-]+\]", proc.stdout)
+    assert bar, proc.stdout[-3000:]
+    assert "v_num" not in proc.stdout
 
 
 @pytest.mark.slow

@@ -251,10 +251,10 @@ RULES: dict[str, Rule | Bound] = {
         "a strategy whose package is installed (deepspeed needs: pip install deepspeed)",
     ),
     # grpo-lab eval (conf/eval.yaml)
-    "eval.size": _int(ge=1),
+    "eval.size": _int(ge=1, nullable=True, why="null = the run's train.eval_size"),
     "eval.n": _int(ge=1),
     "eval.k": _int(ge=1),
-    "eval.batch_size": _int(ge=1),
+    "eval.batch_size": _int(ge=1, nullable=True, why="null = the run's train.eval_batch_size"),
     "eval.table_rows": _int(ge=1),
     "policy_from_run": _BOOL,
     "sweep.fail_fast": _BOOL,

@@ -68,13 +68,56 @@ def _run_dir(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
+def _run_config(ckpt: Path) -> DictConfig | None:
+    """The training run's composed config, saved by Hydra next to ``checkpoints/``."""
+    path = _run_dir(ckpt) / ".hydra" / "config.yaml"
+    return OmegaConf.load(path) if path.is_file() else None
+
+
+def command_line_keys() -> list[str]:
+    """The keys (or groups) the user set on the command line, ``task.max_operand`` or ``task``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task]
+
+
+def config_from_run(cfg: DictConfig, run: DictConfig | None, overridden: list[str]) -> DictConfig:
+    """The eval config with the training run's policy, task, sampler and eval split.
+
+    ``run``: the run's composed config (None for a checkpoint made elsewhere: ``cfg`` as it is).
+    ``overridden``: keys set on the command line (``command_line_keys``); they win over the run.
+    A group chosen on the command line (``task=countdown``) is taken whole from ``cfg``. The
+    policy comes from the run only with ``policy_from_run=true``. ``eval.size`` and
+    ``eval.batch_size`` left null are the run's ``train.eval_size`` and ``train.eval_batch_size``,
+    so the prompts and batches are those of the run's own greedy eval.
+    """
+    cfg = cfg.copy()
+    groups = ["task", "sampler"] + (["policy"] if cfg.get("policy_from_run", True) else [])
+    if run is not None:
+        for group in groups:
+            if group in overridden:
+                continue
+            node = OmegaConf.create(OmegaConf.to_container(run[group], resolve=True))
+            for key in overridden:
+                if key.startswith(group + "."):
+                    sub = key[len(group) + 1 :]
+                    value = OmegaConf.select(cfg, key, default=None)
+                    OmegaConf.update(node, sub, value, merge=False, force_add=True)
+            cfg[group] = node
+    eval_split = run.train if run is not None else {"eval_size": 200, "eval_batch_size": 64}
+    if cfg.eval.get("size") is None:
+        cfg.eval.size = eval_split["eval_size"]
+    if cfg.eval.get("batch_size") is None:
+        cfg.eval.batch_size = eval_split["eval_batch_size"]
+    return cfg
+
+
 def load_checkpoint_policy(cfg: DictConfig, ckpt: Path) -> Policy:
-    """The policy a training checkpoint holds (``state_dict`` keys ``policy.*``)."""
-    policy_cfg: Any = cfg.policy
-    train_config = _run_dir(ckpt) / ".hydra" / "config.yaml"
-    if cfg.get("policy_from_run", True) and train_config.is_file():
-        policy_cfg = OmegaConf.load(train_config).policy  # resolved against the training config
-    spec = OmegaConf.to_container(policy_cfg, resolve=True)
+    """The policy a training checkpoint holds (``state_dict`` keys ``policy.*``), built from
+    ``cfg.policy`` (``config_from_run`` puts the training run's there)."""
+    spec = OmegaConf.to_container(cfg.policy, resolve=True)
     if "init_from" in spec:
         spec["init_from"] = None  # every weight comes from the checkpoint
     policy = instantiate(OmegaConf.create(spec))
@@ -159,6 +202,7 @@ def evaluate(cfg: DictConfig) -> float:
     n, k = int(cfg.eval.n), int(cfg.eval.k)
     if not 1 <= k <= n:
         raise ValueError(f"eval.k={k} is invalid: expected 1 <= eval.k <= eval.n (eval.n={n})")
+    cfg = config_from_run(cfg, _run_config(ckpt), command_line_keys())
     torch.manual_seed(cfg.seed)
     task = instantiate(cfg.task)
     sampler = instantiate(cfg.sampler)
@@ -190,9 +234,11 @@ def evaluate(cfg: DictConfig) -> float:
         "eval.n": n,
         "eval.k": k,
         "eval.size": len(examples),
-        "sampler.temperature": cfg.sampler.temperature,
-        "task": cfg.task._target_,
+        "eval.batch_size": cfg.eval.batch_size,
         "seed": cfg.seed,
+        # what was scored: the run's task and sampler unless overridden (config_from_run)
+        **tracking.flatten(OmegaConf.to_container(cfg.task, resolve=True), "task."),
+        **tracking.flatten(OmegaConf.to_container(cfg.sampler, resolve=True), "sampler."),
     }
     for key, value in params.items():
         tracking.retry_locked(lambda key=key, value=value: client.log_param(run_id, key, value))

@@ -238,6 +238,7 @@ class GRPOModule(L.LightningModule):
             **rollout.stats,
             **update_stats,
             "rollout": float(self.rollouts_done),
+            "step": float(self.rollouts_done),  # Lightning logs at this step: the rollout count
             "perf/step_time_s": elapsed,
             "perf/tokens_per_s": n_tokens * self.algo.mu / elapsed,
         }
@@ -638,6 +639,7 @@ class GRPOModule(L.LightningModule):
                 "eval/reward": reward / (n - errors) if n > errors else math.nan,
                 "eval/reward_errors": errors,
                 "eval/mean_length": length / n,
+                "step": float(self.rollouts_done),  # an eval after rollout N sits at step N
             },
             on_epoch=True,
             batch_size=int(n),

@@ -12,11 +12,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_lab import distributed, sweep, tracking
+from grpo_lab.callbacks import RNGStates, RolloutCheckpoint, RolloutProgressBar
 from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.instantiate import instantiate
@@ -224,36 +224,48 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     datamodule = TaskDataModule(
         task, cfg.train.prompts_per_step, cfg.train.eval_size, cfg.train.eval_batch_size, cfg.seed
     )
-    checkpoint = ModelCheckpoint(
+    checkpoint = RolloutCheckpoint(
         dirpath=out / "checkpoints",
         filename="rollout-{step}",
         save_last=True,
         every_n_train_steps=cfg.train.checkpoint_every,
         save_top_k=-1 if cfg.train.checkpoint_every else 0,
     )
+    max_steps = cfg.trainer.get("max_steps") or optimizer_steps(cfg)
+    callbacks = [
+        checkpoint,
+        RNGStates(),
+        tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged),
+        distributed.RankSeed(cfg.seed),  # after RNGStates: both act at the first batch
+    ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        per_rollout = optimizer_steps(cfg) // cfg.train.rollouts
+        callbacks.append(RolloutProgressBar(math.ceil(max_steps / per_rollout)))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        max_steps=cfg.trainer.get("max_steps") or optimizer_steps(cfg),
+        max_steps=max_steps,
         val_check_interval=cfg.train.eval_every,
         check_val_every_n_epoch=None,
         logger=logger,
-        callbacks=[
-            checkpoint,
-            tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged),
-            distributed.RankSeed(cfg.seed),  # last: after anything that restores RNG states
-        ],
+        callbacks=callbacks,
         default_root_dir=str(out),
+        # The prompt sampler (data.PromptBatches) splits the prompts between ranks itself.
+        use_distributed_sampler=False,
     )
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     distributed.check_launch(trainer, multirun, cfg.trainer.strategy, cfg.trainer.devices)
+    # The GRPO stage starts from the seed's RNG state whether the warm start was trained just now
+    # or read from the cache (training it draws random numbers), so both runs sample alike.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     if not ckpt_path:
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         logger.log_metrics({"eval/accuracy_start": start["eval/accuracy"]}, step=0)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    # Stepped by rollout, as every other metric (global_step counts optimizer updates).
     logger.log_metrics(
         {f"{k}_final": v for k, v in final.items() if k.startswith("eval/")},
-        step=trainer.global_step,
+        step=module.rollouts_done,
     )
     return float(
         final.get(cfg.train.objective, trainer.callback_metrics.get(cfg.train.objective, math.nan))
