@@ -62,9 +62,7 @@ def one_step(beta: float, mu: int) -> dict[str, float]:
         (0.0, 2, {"sample", "reward", "old_logprobs", "update"}, {"ref_logprobs"}),
     ],
 )
-def test_each_step_logs_the_seconds_of_each_phase_within_the_step_time(
-    beta, mu, computed, skipped
-):
+def test_each_step_logs_the_seconds_of_each_phase_within_the_step_time(beta, mu, computed, skipped):
     metrics = one_step(beta, mu)
     phases = {name: metrics[f"perf/{name}_s"] for name in PHASES}
     assert all(seconds >= 0 for seconds in phases.values()), phases
