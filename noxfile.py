@@ -1,4 +1,4 @@
-"""nox sessions: tests, lint, train, benchmark. Each installs the CPU torch wheel first."""
+"""nox sessions: tests, lint, train, benchmark, bench. Each installs the CPU torch wheel first."""
 
 from __future__ import annotations
 
@@ -36,3 +36,11 @@ def benchmark(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".")
     session.run("python", "benchmarks/learning.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Seconds per GRPO step against TRL and a plain loop: benchmarks/speed.py -> SPEED.md."""
+    session.install(TORCH)
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/speed.py", *session.posargs)

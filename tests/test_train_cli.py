@@ -41,6 +41,11 @@ STEP_METRICS = [
     "lr",
     "perf/step_time_s",
     "perf/tokens_per_s",
+    "perf/sample_s",
+    "perf/reward_s",
+    "perf/ref_logprobs_s",
+    "perf/old_logprobs_s",
+    "perf/update_s",
     "rollout",
 ]
 

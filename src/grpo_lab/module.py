@@ -22,6 +22,9 @@ from grpo_lab.sampling.base import Completions, Sampler, completion_logprobs, sa
 from grpo_lab.tasks.base import Example, Task
 from grpo_lab.tasks.chat import render_prompts
 
+# The phases of a GRPO step, each logged as perf/<phase>_s (seconds spent in it this step).
+PHASES = ("sample", "reward", "ref_logprobs", "old_logprobs", "update")
+
 
 @dataclass
 class AlgoConfig:
@@ -152,6 +155,7 @@ class GRPOModule(L.LightningModule):
         self.consecutive_skipped_steps = 0
         self._prompt_gen: torch.Generator | None = None  # made on first use, once the rank is known
         self.last_rollout: Rollout | None = None  # read by tracking.CompletionTable
+        self._phase_s = dict.fromkeys(PHASES, 0.0)  # this step's seconds per phase
         self._eval_outputs: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ Lightning plumbing
@@ -225,8 +229,10 @@ class GRPOModule(L.LightningModule):
 
     def training_step(self, batch: list[Example], batch_idx: int) -> None:
         t0 = time.perf_counter()
+        self._phase_s = dict.fromkeys(PHASES, 0.0)
         rollout = self.make_rollout(batch)
-        update_stats = self.inner_updates(rollout)
+        with self._phase("update"):
+            update_stats = self.inner_updates(rollout)
         self.last_rollout = rollout
         self.rollouts_done += 1
         self._maybe_refresh_reference()
@@ -241,6 +247,7 @@ class GRPOModule(L.LightningModule):
             "step": float(self.rollouts_done),  # Lightning logs at this step: the rollout count
             "perf/step_time_s": elapsed,
             "perf/tokens_per_s": n_tokens * self.algo.mu / elapsed,
+            **{f"perf/{name}_s": seconds for name, seconds in self._phase_s.items()},
         }
         # Under DDP each rank has its own prompts: log the step's statistics over all of them.
         metrics = distributed.mean_over_ranks(metrics)
@@ -278,16 +285,19 @@ class GRPOModule(L.LightningModule):
                 rollout.stats["dynamic_sampling/tries"] = float(tries)
 
             if self.has_reference:
-                rollout.ref_logp = self._reference_logprobs(rollout.completions)
+                with self._phase("ref_logprobs"):
+                    rollout.ref_logp = self._reference_logprobs(rollout.completions)
             # Every optimizer step after the first of a rollout is off-policy: it needs the
             # sampling policy's log-probs (TRL computes them whenever the steps differ).
             if self.optimizer_steps_per_rollout(rollout.rewards.shape[0]) > 1:
-                rollout.old_logp = self._rollout_logprobs(self.policy, rollout.completions)
+                with self._phase("old_logprobs"):
+                    rollout.old_logp = self._rollout_logprobs(self.policy, rollout.completions)
             rewards = rollout.rewards
             if self.algo.kl_mode == "reward" and self.has_reference:
                 logp = rollout.old_logp
                 if logp is None:
-                    logp = self._rollout_logprobs(self.policy, rollout.completions)
+                    with self._phase("old_logprobs"):
+                        logp = self._rollout_logprobs(self.policy, rollout.completions)
                 rewards = objective.kl_penalised_rewards(
                     rewards,
                     logp,
@@ -342,11 +352,15 @@ class GRPOModule(L.LightningModule):
     def _sample_and_score(self, examples: list[Example]) -> Rollout:
         G = self.algo.G
         prompt_ids, prompt_mask = self._encode_prompts(examples)
-        completions = self.sampler.sample(self.policy, prompt_ids, prompt_mask, G)
-        texts = self.tokenizer.batch_decode(completions.completion_ids, skip_special_tokens=True)
-        per_row = [ex for ex in examples for _ in range(G)]
-        out = self.rewards(texts, per_row, **self._reward_context(completions))
-        rewards = out.total.to(self.device)
+        with self._phase("sample"):
+            completions = self.sampler.sample(self.policy, prompt_ids, prompt_mask, G)
+        with self._phase("reward"):
+            texts = self.tokenizer.batch_decode(
+                completions.completion_ids, skip_special_tokens=True
+            )
+            per_row = [ex for ex in examples for _ in range(G)]
+            out = self.rewards(texts, per_row, **self._reward_context(completions))
+            rewards = out.total.to(self.device)
         return Rollout(
             completions=completions,
             examples=per_row,
@@ -356,6 +370,20 @@ class GRPOModule(L.LightningModule):
             advantages=torch.zeros_like(rewards),
             reward_errors=out.errors,
         )
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Add the seconds spent inside to this step's ``perf/<name>_s``. On a GPU it waits for
+        the queued kernels at both ends, or a phase would be billed for the one before it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._phase_s[name] += time.perf_counter() - start
 
     def _reward_context(self, completions: Completions) -> dict[str, Any]:
         """What every reward function may read besides completions and examples."""
