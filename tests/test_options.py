@@ -368,8 +368,10 @@ def test_microbatching_gives_the_same_update_as_one_backward(aggregation, micro)
     assert any(g.abs().sum() > 0 for g in whole_g)
     for a, b in zip(whole_g, split_g):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    # AdamW's first step is lr * g / (|g| + 1e-8): where |g| is near 1e-8 it magnifies float
+    # rounding of g (1e-10 here) to 1e-5 of a weight, so weights are compared at 1% of lr = 1e-2.
     for a, b in zip(whole_w, split_w):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
     for key in ("loss", "surrogate", "ratio_mean", "clip_ratio/region_mean"):
         assert split[key] == pytest.approx(whole[key], abs=1e-6), key
 

@@ -167,6 +167,7 @@ RULES: dict[str, Rule | Bound] = {
     "train.minibatch_size": _int(ge=1, nullable=True),
     "train.num_minibatches": _int(ge=1, nullable=True),
     "train.microbatch_size": _int(ge=1, nullable=True),
+    "train.shared_prefix": _BOOL,
     "train.lr": _num(gt=0),
     "train.weight_decay": _num(ge=0),
     "train.max_grad_norm": _num(gt=0, nullable=True),
@@ -427,6 +428,22 @@ def cross_errors(cfg: Mapping) -> list[str]:
                 f"train.microbatch_size={micro} is invalid: it must divide the mini-batch of "
                 f"{step} completions (e.g. {_divisors(step)})"
             )
+        # The shared-prefix forward runs a prompt once for its G rows: a forward needs them all.
+        if value("train.shared_prefix") is True:
+            sizes = []
+            if mini is not None:
+                sizes.append((f"train.minibatch_size={mini}", mini))
+            elif parts is not None:
+                sizes.append((f"train.num_minibatches={parts} (mini-batches of {step})", step))
+            if micro is not None:
+                sizes.append((f"train.microbatch_size={micro}", micro))
+            for name, size in sizes:
+                if size % G:
+                    errors.append(
+                        f"{name} is invalid with train.shared_prefix=true: completions per "
+                        f"batch must be a multiple of G={G} (whole groups); or set "
+                        "train.shared_prefix=false"
+                    )
     lora, every = value("policy.lora.enabled"), value("train.ref_sync_every")
     kl_on = value("kl.estimator") != "none" and _is_num(value("beta")) and value("beta") > 0
     if lora is True and kl_on and _is_int(every) and every > 0:

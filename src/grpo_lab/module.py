@@ -35,6 +35,8 @@ class AlgoConfig:
     minibatch_size: completions per optimizer step (divides B*G); or num_minibatches: optimizer
     steps per pass over the rollout (divides B*G; at most one of the two is set);
     microbatch_size: completions per forward/backward (divides minibatch_size).
+    shared_prefix: each forward runs a group's prompt once for its G completions (mini- and
+    micro-batches are then whole groups, and mini-batches shuffle groups, not rows).
     """
 
     G: int = 8
@@ -55,6 +57,7 @@ class AlgoConfig:
     minibatch_size: int | None = None
     num_minibatches: int | None = None
     microbatch_size: int | None = None
+    shared_prefix: bool = False
     max_grad_norm: float | None = 1.0
     max_consecutive_skipped_steps: int = 3  # non-finite gradients in a row before the run stops
     ref_sync_every: int = 0  # refresh the reference every N rollouts (0 = never)
@@ -321,18 +324,30 @@ class GRPOModule(L.LightningModule):
             return self._rollout_logprobs(model, completions)
 
     def _rollout_logprobs(self, model: torch.nn.Module, completions: Completions) -> Tensor:
-        """log pi (N, T) of a whole rollout, no grad, in chunks of the micro-batch size: a forward
-        holds logits (rows, T, V), and micro-batching is there because B*G rows of them do not fit."""
+        """log pi (N, T) of a whole rollout in chunks of the micro-batch size (whole groups
+        with the shared prefix): micro-batching is there because B*G rows do not fit at once.
+
+        In inference mode (no autograd bookkeeping at all); the result is cloned out of it so
+        that the loss may use it beside tensors that need grad."""
         n = completions.completion_ids.shape[0]
         size = self.algo.microbatch_size or self.minibatch_size(n)
         rows = torch.arange(n, device=completions.completion_ids.device)
-        parts = [
-            completion_logprobs(
-                model, _select(completions, idx), temperature=self.sampler.temperature
-            )[0]
-            for idx in rows.split(size)
-        ]
-        return torch.cat(parts)
+        with torch.inference_mode():
+            parts = [
+                completion_logprobs(
+                    model,
+                    _select(completions, idx),
+                    temperature=self.sampler.temperature,
+                    group_size=self._group_size(),
+                )[0]
+                for idx in rows.split(size)
+            ]
+            logp = torch.cat(parts)
+        return logp.clone()
+
+    def _group_size(self) -> int | None:
+        """G when the forwards share each group's prompt (``train.shared_prefix``), else None."""
+        return self.algo.G if self.algo.shared_prefix else None
 
     def _fresh_prompts(self, n_groups: int) -> list[Example]:
         """n_groups training prompts for dynamic sampling, from this process's own stream."""
@@ -438,11 +453,7 @@ class GRPOModule(L.LightningModule):
         n_updates = skipped = 0
         grad_norms: list[float] = []
         for _ in range(self.algo.mu):
-            order = (
-                torch.randperm(N, device=self.device)
-                if self.algo.mu > 1 or mini < N
-                else torch.arange(N, device=self.device)
-            )
+            order = self._update_order(N, shuffle=self.algo.mu > 1 or mini < N)
             for start in range(0, N, mini):
                 idx = order[start : start + mini]
                 stats = self._minibatch_step(rollout, idx, micro, opt)
@@ -463,6 +474,17 @@ class GRPOModule(L.LightningModule):
         out["skipped_steps_total"] = float(self.skipped_steps_total)
         out["lr"] = lr  # of the rollout's last update
         return out
+
+    def _update_order(self, N: int, shuffle: bool) -> Tensor:
+        """The order rows are visited in, (N,). With the shared prefix, whole groups are shuffled
+        (their G rows stay together) so that every micro-batch holds whole groups."""
+        if not shuffle:
+            return torch.arange(N, device=self.device)
+        if not self.algo.shared_prefix:
+            return torch.randperm(N, device=self.device)
+        G = self.algo.G
+        groups = torch.randperm(N // G, device=self.device)
+        return (groups.unsqueeze(1) * G + torch.arange(G, device=self.device)).reshape(-1)
 
     def _minibatch_step(self, rollout: Rollout, idx: Tensor, micro: int, opt) -> dict[str, float]:
         """Forward/backward over one mini-batch in micro-batches; gradients accumulate."""
@@ -491,6 +513,7 @@ class GRPOModule(L.LightningModule):
                 temperature=self.sampler.temperature,
                 with_entropy=True,
                 entropy_grad=bool(self.algo.entropy_coef),
+                group_size=self._group_size(),
             )
             old = rollout.old_logp[chunk] if rollout.old_logp is not None else logp.detach()
             ref = rollout.ref_logp[chunk] if rollout.ref_logp is not None else None

@@ -109,6 +109,7 @@ class TrainSchema:
     minibatch_size: Optional[int]  # noqa: UP045
     num_minibatches: Optional[int]  # noqa: UP045
     microbatch_size: Optional[int]  # noqa: UP045
+    shared_prefix: bool
     lr: float
     weight_decay: float
     warmup_steps: int

@@ -77,6 +77,7 @@ def algo_config(cfg: DictConfig) -> AlgoConfig:
         minibatch_size=cfg.train.minibatch_size,
         num_minibatches=cfg.train.num_minibatches,
         microbatch_size=cfg.train.microbatch_size,
+        shared_prefix=cfg.train.get("shared_prefix", False),
         max_grad_norm=cfg.train.max_grad_norm,
         max_consecutive_skipped_steps=cfg.train.max_consecutive_skipped_steps,
         ref_sync_every=cfg.train.ref_sync_every,

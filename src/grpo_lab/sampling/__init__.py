@@ -1,8 +1,8 @@
 """Sampling completions and scoring their log-probs: the two interfaces the GRPO step needs.
 
-``Sampler.sample`` draws G completions per prompt; ``completion_logprobs`` scores given
-completions under a model. Both are small on purpose: faster implementations (a shared
-prompt-prefix KV cache, say) replace them without touching the GRPO module.
+``Sampler.sample`` draws G completions per prompt; ``completion_logprobs`` (``forward.py``)
+scores given completions under a model, each row's prompt with it or, with ``group_size``, each
+group's prompt once behind a shared KV cache.
 """
 
 from grpo_lab.sampling.base import (

@@ -9,7 +9,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from grpo_lab.objective import selective_log_softmax, token_entropy
+# Scoring given completions lives in forward.py; these names stay importable from here.
+from grpo_lab.sampling.forward import completion_logprobs, position_ids_from_mask  # noqa: F401
 
 
 @dataclass
@@ -212,49 +213,6 @@ def trim_at_stop_strings(
     mask = completion_mask * keep.long()
     ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, pad_token_id))
     return ids, mask, truncated & ~stopped
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding: the first real token of each row is at 0."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def completion_logprobs(
-    model: nn.Module,
-    completions: Completions,
-    *,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    entropy_grad: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """log pi(o_t | q, o_<t) of every completion token, and optionally the entropy there.
-
-    Returns logp (N, T) float32 and entropy (N, T) or None (differentiable only with
-    entropy_grad, for an entropy bonus). Logits are divided by the
-    sampling temperature so that pi_old matches the distribution the tokens came from.
-    Only the T positions that predict completion tokens are projected to the vocabulary.
-    """
-    T = completions.completion_ids.shape[1]
-    input_ids = torch.cat([completions.prompt_ids, completions.completion_ids], dim=1)
-    attention_mask = torch.cat([completions.prompt_mask, completions.completion_mask], dim=1)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=T + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1]  # (N, T, V): position t predicts completion token t
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = selective_log_softmax(logits, completions.completion_ids)
-    entropy = None
-    if with_entropy:
-        # The full-vocabulary softmax behind the entropy stays out of the autograd graph unless
-        # an entropy bonus needs its gradient.
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = token_entropy(logits)
-    return logp, entropy
 
 
 def sampling_logp_gap(sampling_logp: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
