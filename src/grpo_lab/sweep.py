@@ -307,6 +307,28 @@ class MLflowSweepCallback(Callback):
         }
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(data, indent=2) + "\n")
         log.info("MLflow sweep run %s (experiment %s): %s", run.info.run_id, name, label)
+        self._watch_signals(client, run.info.run_id)
+
+    def _watch_signals(self, client: Any, parent_run_id: str) -> None:
+        """SIGINT or SIGTERM ends the sweep with its parent run KILLED, not RUNNING forever.
+
+        The jobs' runs stop first: in this process (basic launcher) through train's own handler,
+        in worker processes (joblib) through the signal passed on to them.
+        """
+        from grpo_lab import faults
+
+        def kill_parent(signum: int) -> None:
+            _retry(lambda: client.set_tag(parent_run_id, ERROR_TAG, f"stopped by signal {signum}"))
+            _retry(lambda: client.set_terminated(parent_run_id, "KILLED"))
+
+        def on_signal(signum: int, frame: Any) -> None:
+            faults.stop_children(signum)
+            faults.exit_interrupted(signum, f"sweep parent MLflow run {parent_run_id} KILLED")
+
+        faults.add_cleanup(kill_parent)
+        self._signals = faults.signal_handlers(on_signal)
+        self._signals.__enter__()
+        self._kill_parent = kill_parent
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
@@ -368,6 +390,12 @@ class MLflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from grpo_lab.tracking import runs_url
 
+        if getattr(self, "_signals", None) is not None:
+            from grpo_lab import faults
+
+            self._signals.__exit__(None, None, None)
+            faults.remove_cleanup(self._kill_parent)
+            self._signals = None
         sweep = read_sweep_file(config.hydra.sweep.dir)
         if sweep is None:
             return

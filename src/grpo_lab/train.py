@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_lab import sweep, tracking
+from grpo_lab import faults, store, sweep, tracking
 from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.instantiate import instantiate
@@ -124,7 +124,7 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
 
 def make_logger(cfg: DictConfig) -> MLFlowLogger:
     lcfg = cfg.logger
-    tracking.ensure_experiment(lcfg.tracking_uri, lcfg.experiment_name)
+    store.open_experiment(lcfg.tracking_uri, lcfg.experiment_name)  # or a clear error, before compute
     tags = {k: str(v) for k, v in (lcfg.get("tags") or {}).items()}
     sweep_name, sweep_tags = sweep.job_tags()  # parent run, sweep id, job number in a -m sweep
     tags.update(sweep_tags)
@@ -136,6 +136,7 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
         tags=tags,
         log_model=False,
     )
+    store.retry_writes(logger)  # parallel jobs share one SQLite store: wait out its lock
     # mlflow_run.json beside checkpoints/: eval links a checkpoint to this run, the sweep finds it.
     sweep.write_run_file(output_dir(cfg), logger.run_id, logger.experiment_id, lcfg.tracking_uri)
     return logger
@@ -157,12 +158,19 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
     out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
 
     logger = make_logger(cfg)
     try:
-        tracking.log_config(logger, cfg)
-        objective = _fit(cfg, logger, out, ckpt_path)
+        # Until the training loop takes over (StopOnSignal), a signal stops the run at once.
+        with faults.signal_handlers(faults.raise_interrupted):
+            tracking.log_config(logger, cfg)
+            objective = _fit(cfg, logger, out, ckpt_path)
+    except faults.Interrupted as stop:
+        logger.finalize("KILLED")
+        faults.exit_interrupted(
+            stop.signum, f"MLflow run {logger.run_id} ended as KILLED. {stop.detail}".strip()
+        )
     except BaseException as err:
         sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
         logger.finalize("FAILED")
@@ -203,6 +211,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     datamodule = TaskDataModule(
         task, cfg.train.prompts_per_step, cfg.train.eval_size, cfg.train.eval_batch_size, cfg.seed
     )
+    stop = faults.StopOnSignal()
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints",
         filename="rollout-{step}",
@@ -219,13 +228,21 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         callbacks=[
             checkpoint,
             tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged),
+            stop,
         ],
+        plugins=[faults.AtomicCheckpointIO()],
         default_root_dir=str(out),
     )
     if not ckpt_path:
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         logger.log_metrics({"eval/accuracy_start": start["eval/accuracy"]}, step=0)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if stop.signum is not None:
+        path = out / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        raise faults.Interrupted(
+            stop.signum, f"Checkpoint of step {trainer.global_step}; resume with ckpt_path={path}"
+        )
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     logger.log_metrics(
         {f"{k}_final": v for k, v in final.items() if k.startswith("eval/")},

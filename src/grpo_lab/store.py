@@ -1,0 +1,100 @@
+"""An MLflow store shared by many processes: every call retries on a locked SQLite database,
+and a store that cannot be reached is an error before any compute.
+
+Parallel sweep jobs write to one SQLite file. SQLite lets one writer in at a time and makes the
+others wait up to its busy timeout (5 s); past that the write fails with "database is locked",
+and a job that logs a metric per step would die mid-run. ``RetryingClient`` retries any call
+that fails so, with a growing wait (``tracking.retry_locked``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from typing import Any
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import MLFlowLogger
+
+from grpo_lab.config import ConfigError
+from grpo_lab.tracking import ensure_experiment, retry_locked
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose every method call retries while the SQLite store is locked.
+
+    A failed SQLite write is rolled back whole, so repeating it logs each value once.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return retry_locked(lambda: attr(*args, **kwargs))
+
+        return call
+
+
+def client(tracking_uri: str) -> RetryingClient:
+    from mlflow import MlflowClient
+
+    return RetryingClient(MlflowClient(tracking_uri=tracking_uri))
+
+
+def retry_writes(logger: MLFlowLogger) -> MLFlowLogger:
+    """Make every MLflow call of Lightning's logger retry on a locked store.
+
+    MLFlowLogger makes all of its calls (creating the run, ``log_batch`` for params and metrics,
+    ``set_terminated``) through its one ``MlflowClient``: wrapping that client covers them all,
+    the per-step metric writes Lightning makes included.
+    """
+    if not isinstance(logger._mlflow_client, RetryingClient):
+        logger._mlflow_client = RetryingClient(logger._mlflow_client)
+    return logger
+
+
+def _unreachable(tracking_uri: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"invalid config:\n  logger.tracking_uri={tracking_uri} cannot be reached: {why}; "
+        "expected an MLflow tracking server that answers (http://HOST:PORT), or "
+        "sqlite:///PATH with PATH in an existing, writable directory"
+    )
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Raise a ConfigError naming ``logger.tracking_uri`` when the store cannot be reached.
+
+    A server is tried with one TCP connection: MLflow's own client retries an unreachable server
+    with backoff for minutes before it gives up. An SQLite file needs its directory to exist.
+    """
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
+        except OSError as err:
+            raise _unreachable(tracking_uri, f"no connection to {parsed.hostname}:{port} ({err})")
+    elif parsed.scheme == "sqlite":
+        path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+        if path and path != ":memory:":
+            directory = os.path.dirname(os.path.abspath(path)) or "."
+            if not os.path.isdir(directory):
+                raise _unreachable(tracking_uri, f"the directory {directory} does not exist")
+            if not os.access(directory, os.W_OK):
+                raise _unreachable(tracking_uri, f"the directory {directory} is not writable")
+
+
+def open_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name`` in the store, created once; a clear error if unreachable."""
+    check_reachable(tracking_uri)
+    try:
+        return ensure_experiment(tracking_uri, name)
+    except Exception as err:
+        raise _unreachable(tracking_uri, f"{type(err).__name__}: {err}") from err
