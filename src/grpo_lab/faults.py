@@ -13,6 +13,7 @@ and an output directory that cannot be written is an error before any compute.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -154,14 +155,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None:
             raise TypeError(f"storage_options are not supported by {type(self).__name__}")
+        import torch
+
+        # Serialized in memory first, as Lightning does: a value that cannot be pickled fails
+        # before any file is touched, and a write error is an OSError that names its cause.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                import torch
-
-                torch.save(checkpoint, f)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
@@ -203,10 +208,8 @@ def stop_children(signum: int, timeout_s: float = 60.0) -> None:
         if "resource_tracker" not in " ".join(_cmdline(p))  # loky's helper, not a job
     ]
     for p in workers:
-        try:
+        with suppress(psutil.Error):
             p.send_signal(signum)
-        except psutil.Error:
-            pass
     psutil.wait_procs(workers, timeout=timeout_s)
 
 

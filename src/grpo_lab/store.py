@@ -80,7 +80,8 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
         try:
             socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
         except OSError as err:
-            raise _unreachable(tracking_uri, f"no connection to {parsed.hostname}:{port} ({err})")
+            why = f"no connection to {parsed.hostname}:{port} ({err})"
+            raise _unreachable(tracking_uri, why) from err
     elif parsed.scheme == "sqlite":
         path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
         if path and path != ":memory:":

@@ -124,7 +124,9 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
 
 def make_logger(cfg: DictConfig) -> MLFlowLogger:
     lcfg = cfg.logger
-    store.open_experiment(lcfg.tracking_uri, lcfg.experiment_name)  # or a clear error, before compute
+    store.open_experiment(
+        lcfg.tracking_uri, lcfg.experiment_name
+    )  # or a clear error, before compute
     tags = {k: str(v) for k, v in (lcfg.get("tags") or {}).items()}
     sweep_name, sweep_tags = sweep.job_tags()  # parent run, sweep id, job number in a -m sweep
     tags.update(sweep_tags)
