@@ -92,6 +92,8 @@ def test_signal_mid_run_saves_last_ckpt_and_ends_the_run_killed(
     out = tmp_path / "run"
     proc = start_cli("train", *LONG, f"paths.output_dir={out}")
     wait_for(proc, lambda: (out / "checkpoints" / "rollout-step=3.ckpt").is_file() or None)
+    # Training, after the start eval (a Lightning validate, whose end must not end the run).
+    assert runs_by_role(tracking_uri)[2][0].info.status == "RUNNING"
     proc.send_signal(signum)
     stdout, stderr = finish(proc)
 

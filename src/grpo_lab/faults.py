@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -191,12 +192,13 @@ def check_writable_dir(path: Path, key: str, value: Any) -> None:
         ) from err
 
 
-def stop_children(signum: int, timeout_s: float = 60.0) -> None:
-    """Pass ``signum`` on to this process's worker processes and wait for them to end.
+def stop_children(signum: int, still_running: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Pass ``signum`` on to this process's worker processes; wait while ``still_running()``.
 
     A joblib (loky) sweep: a signal reaches the launcher's process only, and loky kills its
-    workers outright when the launcher stops. Passed on first, each worker's run stops on its own
-    signal handler: checkpoint saved, MLflow run KILLED.
+    workers outright when the launcher stops. Passed on first, each worker's job stops on its own
+    handler (checkpoint saved, MLflow run KILLED); the caller says when that is done, since a loky
+    worker stays alive after its job ends.
     """
     try:
         import psutil
@@ -210,7 +212,11 @@ def stop_children(signum: int, timeout_s: float = 60.0) -> None:
     for p in workers:
         with suppress(psutil.Error):
             p.send_signal(signum)
-    psutil.wait_procs(workers, timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and still_running():
+        if not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers):
+            return
+        time.sleep(0.5)
 
 
 def _cmdline(p: Any) -> list[str]:

@@ -48,16 +48,26 @@ def client(tracking_uri: str) -> RetryingClient:
     return RetryingClient(MlflowClient(tracking_uri=tracking_uri))
 
 
-def retry_writes(logger: MLFlowLogger) -> MLFlowLogger:
-    """Make every MLflow call of Lightning's logger retry on a locked store.
+class RunLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger for a run that ``train`` ends, in a store other jobs share.
 
-    MLFlowLogger makes all of its calls (creating the run, ``log_batch`` for params and metrics,
-    ``set_terminated``) through its one ``MlflowClient``: wrapping that client covers them all,
-    the per-step metric writes Lightning makes included.
+    - Every MLflow call retries on a locked store. MLFlowLogger makes all of them (creating the
+      run, ``log_batch`` for params and per-step metrics, ``set_terminated``) through its one
+      client, so wrapping that client covers them all.
+    - Lightning calls ``finalize("success")`` at the end of every ``fit`` and ``validate``, and
+      ``finalize("failed")`` on any exception. Taken at its word, the run would read FINISHED from
+      the first eval on while it trains, and FINISHED before a stopped run is marked KILLED. Those
+      calls are ignored: ``train`` ends the run with FINISHED, FAILED or KILLED.
     """
-    if not isinstance(logger._mlflow_client, RetryingClient):
-        logger._mlflow_client = RetryingClient(logger._mlflow_client)
-    return logger
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._mlflow_client = RetryingClient(self._mlflow_client)
+
+    def finalize(self, status: str = "success") -> None:
+        if status in ("success", "failed", "finished"):  # Lightning's own calls
+            return
+        super().finalize(status)
 
 
 def _unreachable(tracking_uri: str, why: str) -> ConfigError:

@@ -255,6 +255,9 @@ def swept_keys(config: DictConfig) -> list[str]:
 # --------------------------------------------------------------------------- the callback
 
 
+_WATCH: dict[str, Any] = {}  # the sweep's signal handlers and parent-run cleanup while it runs
+
+
 class MLflowSweepCallback(Callback):
     """Groups a Hydra multirun under one MLflow parent run and keeps going past failed jobs."""
 
@@ -307,9 +310,9 @@ class MLflowSweepCallback(Callback):
         }
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(data, indent=2) + "\n")
         log.info("MLflow sweep run %s (experiment %s): %s", run.info.run_id, name, label)
-        self._watch_signals(client, run.info.run_id)
+        self._watch_signals(client, exp_id, run.info.run_id)
 
-    def _watch_signals(self, client: Any, parent_run_id: str) -> None:
+    def _watch_signals(self, client: Any, experiment_id: str, parent_run_id: str) -> None:
         """SIGINT or SIGTERM ends the sweep with its parent run KILLED, not RUNNING forever.
 
         The jobs' runs stop first: in this process (basic launcher) through train's own handler,
@@ -321,14 +324,26 @@ class MLflowSweepCallback(Callback):
             _retry(lambda: client.set_tag(parent_run_id, ERROR_TAG, f"stopped by signal {signum}"))
             _retry(lambda: client.set_terminated(parent_run_id, "KILLED"))
 
+        def jobs_running() -> bool:
+            return bool(
+                _retry(
+                    lambda: client.search_runs(
+                        [experiment_id],
+                        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                        "and attributes.status = 'RUNNING'",
+                    )
+                )
+            )
+
         def on_signal(signum: int, frame: Any) -> None:
-            faults.stop_children(signum)
+            faults.stop_children(signum, still_running=jobs_running)
             faults.exit_interrupted(signum, f"sweep parent MLflow run {parent_run_id} KILLED")
 
         faults.add_cleanup(kill_parent)
-        self._signals = faults.signal_handlers(on_signal)
-        self._signals.__enter__()
-        self._kill_parent = kill_parent
+        handlers = faults.signal_handlers(on_signal)
+        handlers.__enter__()
+        # Module state, not attributes: the joblib launcher pickles this callback for its workers.
+        _WATCH.update(handlers=handlers, cleanup=kill_parent)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
@@ -390,12 +405,11 @@ class MLflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from grpo_lab.tracking import runs_url
 
-        if getattr(self, "_signals", None) is not None:
+        if _WATCH:
             from grpo_lab import faults
 
-            self._signals.__exit__(None, None, None)
-            faults.remove_cleanup(self._kill_parent)
-            self._signals = None
+            _WATCH.pop("handlers").__exit__(None, None, None)
+            faults.remove_cleanup(_WATCH.pop("cleanup"))
         sweep = read_sweep_file(config.hydra.sweep.dir)
         if sweep is None:
             return

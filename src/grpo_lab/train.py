@@ -131,14 +131,14 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
     sweep_name, sweep_tags = sweep.job_tags()  # parent run, sweep id, job number in a -m sweep
     tags.update(sweep_tags)
     run_name = lcfg.get("run_name") or sweep_name or tracking.run_name_from_overrides(cfg)
-    logger = MLFlowLogger(
+    # Retries on a locked store (parallel jobs share one); train() alone ends the run.
+    logger = store.RunLogger(
         experiment_name=lcfg.experiment_name,
         tracking_uri=lcfg.tracking_uri,
         run_name=run_name,
         tags=tags,
         log_model=False,
     )
-    store.retry_writes(logger)  # parallel jobs share one SQLite store: wait out its lock
     # mlflow_run.json beside checkpoints/: eval links a checkpoint to this run, the sweep finds it.
     sweep.write_run_file(output_dir(cfg), logger.run_id, logger.experiment_id, lcfg.tracking_uri)
     return logger
