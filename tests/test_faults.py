@@ -118,15 +118,20 @@ def test_sigterm_ends_a_sweep_with_its_parent_and_job_runs_killed(
     """basic: jobs run in the sweep's process; parallel: in joblib workers the signal never reaches."""
     extra = [] if launcher == "basic" else ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
     proc = start_cli("train", "-m", *extra, "num_threads=1", "seed=0,1", *LONG)
-    wait_for(proc, lambda: next((tmp_path / "multirun").rglob("rollout-step=2.ckpt"), None))
+    # basic: job 0 is training, job 1 has not started; parallel: both are training
+    expected = 1 if launcher == "basic" else 2
+
+    def training():
+        found = list((tmp_path / "multirun").rglob("rollout-step=2.ckpt"))
+        return found if len(found) == expected else None
+
+    wait_for(proc, training)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = finish(proc, timeout=120)
 
     assert proc.returncode == 143, f"{proc.returncode}\n{stdout[-2000:]}\n{stderr[-4000:]}"
     _, (parent,), jobs = runs_by_role(tracking_uri)
     assert parent.info.status == "KILLED"
-    # basic: job 0 was running, job 1 never started; parallel: both were running
-    expected = 1 if launcher == "basic" else 2
     assert [r.info.status for r in jobs] == ["KILLED"] * expected
     for r in jobs:
         job_dir = Path(r.data.tags["grpo_lab.sweep_dir"]) / r.data.tags["grpo_lab.job_num"]

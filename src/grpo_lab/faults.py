@@ -192,35 +192,19 @@ def check_writable_dir(path: Path, key: str, value: Any) -> None:
         ) from err
 
 
-def stop_children(signum: int, still_running: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    """Pass ``signum`` on to this process's worker processes; wait while ``still_running()``.
+def stop_processes(
+    signum: int, pids: list[int], still_running: Callable[[], bool], timeout_s: float = 60.0
+) -> None:
+    """Send ``signum`` to ``pids``, then wait while ``still_running()``, at most ``timeout_s``.
 
     A joblib (loky) sweep: a signal reaches the launcher's process only, and loky kills its
-    workers outright when the launcher stops. Passed on first, each worker's job stops on its own
-    handler (checkpoint saved, MLflow run KILLED); the caller says when that is done, since a loky
-    worker stays alive after its job ends.
+    workers outright (SIGKILL) when the launcher stops. Sent first, the signal lets each job stop
+    on its own handler (checkpoint saved, MLflow run KILLED). Only processes that run a job get
+    it: an idle loky worker has no handler and would die, and loky then kills the others.
     """
-    try:
-        import psutil
-    except ImportError:  # psutil comes with MLflow; without it the workers are left to loky
-        return
-    workers = [
-        p
-        for p in psutil.Process().children()
-        if "resource_tracker" not in " ".join(_cmdline(p))  # loky's helper, not a job
-    ]
-    for p in workers:
-        with suppress(psutil.Error):
-            p.send_signal(signum)
+    for pid in pids:
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and still_running():
-        if not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers):
-            return
+    while pids and time.monotonic() < deadline and still_running():
         time.sleep(0.5)
-
-
-def _cmdline(p: Any) -> list[str]:
-    try:
-        return p.cmdline()
-    except Exception:
-        return []

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "mlflow_sweep.json"  # in the sweep dir: parent run, experiment, swept keys
 RUN_FILE = "mlflow_run.json"  # in each run's output dir: its MLflow run (eval links to it)
 ERROR_TAG = "grpo_lab.error"
+# Where a job runs: a sweep stopped by a signal passes it on to its jobs on this machine.
+HOST_TAG, PID_TAG = "grpo_lab.host", "grpo_lab.pid"
 
 # Config choices that need a plugin package, and the package's module.
 _PLUGINS = {
@@ -232,6 +235,8 @@ def job_tags() -> tuple[str | None, dict[str, str]]:
         "grpo_lab.job_num": str(hc.job.num),
         "grpo_lab.overrides": json.dumps(overrides),
         "grpo_lab.swept": json.dumps(swept),
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
     }
     return name, tags
 
@@ -324,19 +329,24 @@ class MLflowSweepCallback(Callback):
             _retry(lambda: client.set_tag(parent_run_id, ERROR_TAG, f"stopped by signal {signum}"))
             _retry(lambda: client.set_terminated(parent_run_id, "KILLED"))
 
-        def jobs_running() -> bool:
-            return bool(
-                _retry(
-                    lambda: client.search_runs(
-                        [experiment_id],
-                        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                        "and attributes.status = 'RUNNING'",
-                    )
+        def running_jobs() -> list:
+            return _retry(
+                lambda: client.search_runs(
+                    [experiment_id],
+                    filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                    "and attributes.status = 'RUNNING'",
                 )
             )
 
         def on_signal(signum: int, frame: Any) -> None:
-            faults.stop_children(signum, still_running=jobs_running)
+            here = socket.gethostname()
+            pids = [
+                int(r.data.tags[PID_TAG])
+                for r in running_jobs()
+                if r.data.tags.get(HOST_TAG) == here and r.data.tags.get(PID_TAG, "").isdigit()
+            ]
+            pids = [pid for pid in pids if pid != os.getpid()]  # a job in this process handles it
+            faults.stop_processes(signum, pids, still_running=lambda: bool(running_jobs()))
             faults.exit_interrupted(signum, f"sweep parent MLflow run {parent_run_id} KILLED")
 
         faults.add_cleanup(kill_parent)
