@@ -146,14 +146,15 @@ def test_sigterm_ends_a_sweep_with_its_parent_and_job_runs_killed(
     "uri, why",
     [
         ("http://127.0.0.1:9", "no connection to 127.0.0.1:9"),
-        ("sqlite:///{tmp}/missing/dir/mlflow.db", "does not exist"),
+        ("sqlite:///{tmp}/a_file/mlflow.db", "cannot create the directory"),
     ],
-    ids=["server-down", "sqlite-dir-missing"],
+    ids=["server-down", "sqlite-dir-under-a-file"],
 )
 def test_unreachable_store_is_a_clear_error_before_any_compute(
     run_cli, tmp_path, cache_dir, uri, why
 ):
     uri = uri.format(tmp=tmp_path)
+    (tmp_path / "a_file").write_text("not a directory\n")
     cache = tmp_path / "cache"
     # MLflow's client retries a server that does not answer for minutes: the timeout is the test.
     proc = run_cli(

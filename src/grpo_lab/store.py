@@ -74,7 +74,7 @@ def _unreachable(tracking_uri: str, why: str) -> ConfigError:
     return ConfigError(
         f"invalid config:\n  logger.tracking_uri={tracking_uri} cannot be reached: {why}; "
         "expected an MLflow tracking server that answers (http://HOST:PORT), or "
-        "sqlite:///PATH with PATH in an existing, writable directory"
+        "sqlite:///PATH with PATH in a directory this process can create and write"
     )
 
 
@@ -82,7 +82,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """Raise a ConfigError naming ``logger.tracking_uri`` when the store cannot be reached.
 
     A server is tried with one TCP connection: MLflow's own client retries an unreachable server
-    with backoff for minutes before it gives up. An SQLite file needs its directory to exist.
+    with backoff for minutes before it gives up. An SQLite file needs a directory it can write.
     """
     parsed = urlparse(tracking_uri)
     if parsed.scheme in ("http", "https"):
@@ -95,9 +95,12 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     elif parsed.scheme == "sqlite":
         path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
         if path and path != ":memory:":
-            directory = os.path.dirname(os.path.abspath(path)) or "."
-            if not os.path.isdir(directory):
-                raise _unreachable(tracking_uri, f"the directory {directory} does not exist")
+            directory = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(directory, exist_ok=True)  # as MLflow would
+            except OSError as err:
+                why = f"cannot create the directory {directory} ({err.strerror or err})"
+                raise _unreachable(tracking_uri, why) from err
             if not os.access(directory, os.W_OK):
                 raise _unreachable(tracking_uri, f"the directory {directory} is not writable")
 
