@@ -9,6 +9,7 @@ and an output directory that cannot be written is an error before any compute.
   parent run KILLED; ``exit_interrupted`` runs the cleanups before the process exits.
 - ``AtomicCheckpointIO`` writes each checkpoint to a temporary file beside it, then renames it
   into place, so a full disk during a save keeps the earlier ``last.ckpt`` intact.
+- ``check_writable_dir``: the output directory is created and written once before any compute.
 """
 
 from __future__ import annotations
@@ -47,10 +48,6 @@ class Interrupted(SystemExit):
         super().__init__(128 + signum)
         self.signum = signum
         self.detail = detail
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
 
 
 def raise_interrupted(signum: int, frame: Any = None) -> NoReturn:

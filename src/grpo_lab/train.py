@@ -124,9 +124,8 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
 
 def make_logger(cfg: DictConfig) -> MLFlowLogger:
     lcfg = cfg.logger
-    store.open_experiment(
-        lcfg.tracking_uri, lcfg.experiment_name
-    )  # or a clear error, before compute
+    # Before any compute: a store that cannot be reached is a clear error naming the key.
+    store.open_experiment(lcfg.tracking_uri, lcfg.experiment_name)
     tags = {k: str(v) for k, v in (lcfg.get("tags") or {}).items()}
     sweep_name, sweep_tags = sweep.job_tags()  # parent run, sweep id, job number in a -m sweep
     tags.update(sweep_tags)
