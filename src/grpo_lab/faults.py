@@ -35,6 +35,7 @@ from grpo_lab.config import ConfigError
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REPEAT_WINDOW_S = 3.0  # a signal this soon after the first is the same request, not a second
 
 
 class Interrupted(SystemExit):
@@ -106,18 +107,23 @@ class StopOnSignal(L.Callback):
     The handler only sets ``trainer.should_stop``; the loop ends after the current batch and
     ``train`` saves the checkpoint. It replaces, for the length of the training loop, the SIGTERM
     handler Lightning installs, which would raise ``SIGTERMException`` and mark the run FAILED. A
-    second signal while stopping stops at once.
+    second signal while stopping, more than ``REPEAT_WINDOW_S`` after the first, stops at once.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
         self._handlers: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def stop(signum: int, frame: Any) -> None:
             if self.signum is not None:
+                # Ctrl-C reaches a joblib worker twice: from the terminal (the whole process
+                # group) and passed on by the sweep. A repeat within seconds is the same request.
+                if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+                    return
                 raise Interrupted(signum, "second signal while stopping")
-            self.signum = signum
+            self.signum, self._first_at = signum, time.monotonic()
             trainer.should_stop = True
             log.warning(
                 "%s received: stopping after the current step, then saving a checkpoint",
