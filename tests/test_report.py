@@ -422,6 +422,14 @@ def test_seeds_that_all_moved_by_the_same_amount_are_no_clear_verdict():
         (0.125 - 0.3804, 0.125 + 0.3804), abs=2e-4
     )
     assert same_step.verdict == "no clear difference", same_step.text("G")
+    # the same step in accuracies that are not exact in binary: the paired differences differ
+    # in their last bits only (0.21 - 0.2 != 0.224 - 0.214), which is no spread either
+    rounded = compare(
+        {"0": 105 / 500, "1": 112 / 500, "2": 119 / 500},
+        {"0": 100 / 500, "1": 107 / 500, "2": 114 / 500},
+        ("8", "4"),
+    )
+    assert rounded.method == "Welch" and rounded.verdict == "no clear difference", rounded.text("G")
     # no spread on either side at all: nothing estimates the noise
     flat = compare({"0": 0.5, "1": 0.5}, {"0": 0.375, "1": 0.375}, ("8", "4"))
     assert flat.verdict == NO_SPREAD, flat.text("G")

@@ -328,6 +328,19 @@ def _greedy_eval_of_checkpoint(ckpt: Path) -> dict[str, float]:
 
 
 @pytest.mark.slow
+def test_checkpoint_every_counts_rollouts_not_optimizer_steps(run_cli, tmp_path):
+    """2 optimizer steps per rollout, a checkpoint every 2 rollouts, 3 rollouts: one kept
+    checkpoint, at rollout 2 = optimizer step 4 (counted in steps it would be at 2, 4 and 6)."""
+    run_cli(
+        "train", *FAST, "train.rollouts=3", "train.num_minibatches=2", "train.checkpoint_every=2"
+    )
+    (ckpt_dir,) = tmp_path.glob("outputs/*/*/checkpoints")
+    kept = sorted(p.name for p in ckpt_dir.glob("rollout-*.ckpt"))
+    assert kept == ["rollout-step=4.ckpt"]
+    assert (ckpt_dir / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
 def test_last_checkpoint_is_written_at_the_end_of_training(run_cli, tmp_path, tracking_uri):
     """3 rollouts with a checkpoint every 2: last.ckpt must hold rollout 3, not rollout 2."""
     run_cli("train", *LEARNING, "train.rollouts=3", "train.checkpoint_every=2")

@@ -131,7 +131,7 @@ class Comparison:
     def verdict(self) -> str:
         if self.method == "one seed":
             return RERUN
-        if self.high == self.low and not self.negligible:
+        if self.high - self.low <= 1e-9 * max(1.0, abs(self.diff)) and not self.negligible:
             # Every seed moved by exactly the same amount (discrete accuracies on a few seeds do):
             # a zero-width interval is no evidence of an effect's size, only of too few seeds.
             return NO_SPREAD
@@ -164,13 +164,19 @@ class Comparison:
         )
 
 
+def _all_equal(values: list[float]) -> bool:
+    """True when the values differ by float rounding at most (0.21-0.2 vs 0.224-0.214 do)."""
+    scale = max(1.0, *(abs(v) for v in values))
+    return max(values) - min(values) <= 1e-9 * scale
+
+
 def compare(best: dict[str, float], other: dict[str, float], names: tuple[str, str]) -> Comparison:
     """Compare objectives by seed (``{seed: objective}``): paired when the seeds match (and their
     differences vary), else Welch."""
     a, b = list(best.values()), list(other.values())
     if len(a) < 2 or len(b) < 2:
         diff, low, high, method = _mean(a) - _mean(b), math.nan, math.nan, "one seed"
-    elif set(best) == set(other) and len({best[s] - other[s] for s in best}) > 1:
+    elif set(best) == set(other) and not _all_equal([best[s] - other[s] for s in best]):
         diff, low, high = t_interval([best[s] - other[s] for s in best])
         method = "paired"
     else:
