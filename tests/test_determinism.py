@@ -45,7 +45,14 @@ def test_two_runs_with_one_seed_log_the_same_metrics(run_cli, tracking_uri, tmp_
     assert set(runs) == {"first", "second"}
     first_metrics, second_metrics = runs["first"], runs["second"]
     assert set(first_metrics) == set(second_metrics)
-    for key in ("reward", "loss", "kl", "grad_norm", "eval/accuracy_final", "completions/mean_length"):
+    for key in (
+        "reward",
+        "loss",
+        "kl",
+        "grad_norm",
+        "eval/accuracy_final",
+        "completions/mean_length",
+    ):
         assert key in first_metrics  # what is compared includes the sampled and trained values
     differing = {
         key: (first_metrics[key], second_metrics[key])

@@ -54,7 +54,11 @@ with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             "hydra/launcher=parallel_gpu",
             "hydra.launcher.n_jobs=2",
             f"hydra.job.num={job_num}",
-            f"hydra.sweep.dir={sweep_dir}",
+            # As in conf/hydra/default.yaml, a timestamp (here to the microsecond): a job's env_set
+            # is resolved on a copy of the config without the resolver cache, so each process
+            # gets its own time. Hydra's run_job sets the output dir from the cached one.
+            "hydra.sweep.dir=" + sweep_dir + "/${now:%H-%M-%S-%f}",
+            f"hydra.runtime.output_dir={sweep_dir}/sweep/{job_num}",
         ],
         return_hydra_config=True,
     )
@@ -85,10 +89,12 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 
 def test_live_workers_get_distinct_gpus_whatever_their_first_job_numbers(tmp_path):
-    """Two workers whose first jobs are 0 and 2 (joblib batches of 2, or a replaced worker).
+    """Two workers whose first jobs are 0 and 2 (joblib batches of 2, or a replaced worker),
+    starting at different times.
 
-    With 2 GPUs, job number modulo 2 would give both GPU 0. Slots give them 0 and 1; a worker
-    that starts after one exits takes the freed slot.
+    With 2 GPUs, job number modulo 2 would give both GPU 0, and so would slots kept in
+    ``${hydra.sweep.dir}`` (a new timestamp, so a new folder, per worker). Slots in the job's
+    sweep folder give them 0 and 1; a worker that starts after one exits takes the freed slot.
     """
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     first, first_device = start_worker(0, tmp_path, env)
@@ -103,7 +109,8 @@ def test_live_workers_get_distinct_gpus_whatever_their_first_job_numbers(tmp_pat
         for proc in (first, second):
             if proc.poll() is None:
                 proc.kill()
-    assert sorted(p.name for p in (tmp_path / ".gpu-slots").iterdir()) == ["0.lock", "1.lock"]
+    slots = tmp_path / "sweep" / ".gpu-slots"
+    assert sorted(p.name for p in slots.iterdir()) == ["0.lock", "1.lock"]
 
 
 def test_gpu_slots_map_onto_the_visible_devices_the_sweep_started_with(tmp_path, monkeypatch):
@@ -115,8 +122,12 @@ def test_gpu_slots_map_onto_the_visible_devices_the_sweep_started_with(tmp_path,
     slot, held = sweep.claim_gpu_slot(tmp_path / sweep.GPU_SLOTS_DIR, 2)
     try:
         assert slot == 0
-        assert sweep._device_for_worker(str(tmp_path), "2") == "7"  # slot 1 -> 2nd visible GPU
-        assert sweep._device_for_worker(str(tmp_path), "2") == "7"  # kept for the process's life
+        assert (
+            sweep._device_for_worker(str(tmp_path / "1"), "1", "2") == "7"
+        )  # slot 1 -> 2nd visible GPU
+        assert (
+            sweep._device_for_worker(str(tmp_path / "1"), "1", "2") == "7"
+        )  # kept for the process's life
         with pytest.raises(RuntimeError, match=r"all 2 GPU slots .* are held by other workers"):
             sweep.claim_gpu_slot(tmp_path / sweep.GPU_SLOTS_DIR, 2, wait_s=0)
     finally:
@@ -132,9 +143,9 @@ def test_bad_gpu_worker_counts_are_refused_with_what_is_allowed(tmp_path, monkey
     with pytest.raises(
         ValueError, match=r"n_jobs=3 is invalid with CUDA_VISIBLE_DEVICES=5,7: expected at most 2"
     ):
-        sweep._device_for_worker(str(tmp_path), "3")
+        sweep._device_for_worker(str(tmp_path / "1"), "1", "3")
     with pytest.raises(ValueError, match=r"n_jobs=-1 is invalid .*an integer >= 1"):
-        sweep._device_for_worker(str(tmp_path), "-1")
+        sweep._device_for_worker(str(tmp_path / "1"), "1", "-1")
     with pytest.raises(
         SystemExit, match=r"hydra.launcher.n_jobs=-1 is invalid with hydra/launcher"
     ):

@@ -165,7 +165,19 @@ def claim_gpu_slot(lock_dir: str | Path, n_slots: int, wait_s: float = GPU_SLOT_
         time.sleep(0.2)
 
 
-def _device_for_worker(sweep_dir: Any, n_gpus: Any) -> str:
+def sweep_dir_of_job(job_output_dir: str | Path, job_subdir: str | Path) -> Path:
+    """The sweep dir: the job's output dir less its subdir (``hydra.sweep.subdir``).
+
+    Not ``${hydra.sweep.dir}``: Hydra resolves a job's env_set on a copy of its config that lost
+    the resolver cache, so ``${now:...}`` in the sweep dir gives the time of the job's start,
+    another folder for each worker that starts in another second.
+    """
+    out, sub = Path(str(job_output_dir)), Path(str(job_subdir))
+    k = len(sub.parts)
+    return Path(*out.parts[:-k]) if k and out.parts[-k:] == sub.parts else out.parent
+
+
+def _device_for_worker(job_output_dir: Any, job_subdir: Any, n_gpus: Any) -> str:
     """CUDA_VISIBLE_DEVICES for this joblib worker: the GPU of the slot it holds (``parallel_gpu``).
 
     Each worker process claims, on its first job, the lowest slot no other live worker of the
@@ -191,7 +203,7 @@ def _device_for_worker(sweep_dir: Any, n_gpus: Any) -> str:
             f"hydra.launcher.n_jobs={n} is invalid with CUDA_VISIBLE_DEVICES={','.join(visible)}: "
             f"expected at most {len(visible)} workers, one per visible GPU"
         )
-    slot, lock = claim_gpu_slot(Path(str(sweep_dir)) / GPU_SLOTS_DIR, n)
+    slot, lock = claim_gpu_slot(sweep_dir_of_job(job_output_dir, job_subdir) / GPU_SLOTS_DIR, n)
     device = visible[slot].strip() if visible else str(slot)
     _GPU_SLOT.update(pid=os.getpid(), device=device, lock=lock)
     log.info("GPU slot %d of %d: CUDA_VISIBLE_DEVICES=%s (pid %d)", slot, n, device, os.getpid())
