@@ -135,6 +135,14 @@ def test_gpu_slots_map_onto_the_visible_devices_the_sweep_started_with(tmp_path,
         sweep._GPU_SLOT["lock"].close()
 
 
+def test_sweep_dir_is_the_job_output_dir_less_its_subdir():
+    from grpo_lab.sweep import sweep_dir_of_job
+
+    assert sweep_dir_of_job("/r/multirun/d/t/3", "3") == Path("/r/multirun/d/t")
+    assert sweep_dir_of_job("/r/multirun/d/t/G=2/3", "G=2/3") == Path("/r/multirun/d/t")
+    assert sweep_dir_of_job("/r/elsewhere/7", "3") == Path("/r/elsewhere")  # a moved job dir
+
+
 def test_bad_gpu_worker_counts_are_refused_with_what_is_allowed(tmp_path, monkeypatch):
     from grpo_lab import sweep
 
