@@ -129,7 +129,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
 GPU_SLOTS_DIR = ".gpu-slots"  # in the sweep dir: <slot>.lock, held by the worker using that GPU
 GPU_SLOT_WAIT_S = 120.0  # how long a new worker waits for a slot an exiting worker still holds
 
-# This process's GPU: (pid, CUDA_VISIBLE_DEVICES value, the open lock file that holds the slot).
+# This process's GPU: its pid, the CUDA_VISIBLE_DEVICES value, the open file whose lock holds the slot.
 # The pid tells a forked child that the slot it sees is its parent's.
 _GPU_SLOT: dict[str, Any] = {}
 
