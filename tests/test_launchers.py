@@ -194,12 +194,19 @@ def test_parallel_gpu_sweep_never_runs_two_jobs_on_one_gpu(run_cli, tracking_uri
 
 
 @pytest.mark.slow
-def test_ddp_spawn_jobs_inside_a_sweep_each_log_one_run(run_cli, tracking_uri, tmp_path):
+@pytest.mark.parametrize(
+    "launcher",
+    [["hydra/launcher=serial"], ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]],
+    ids=["serial", "parallel"],
+)
+def test_ddp_spawn_jobs_inside_a_sweep_each_log_one_run(run_cli, tracking_uri, launcher):
     """What the README documents: ``trainer.strategy=ddp_spawn`` with 2 processes per job, in a
-    ``-m`` sweep of 2 jobs (CPU, gloo). Each job finishes and logs one run with its eval metrics."""
+    ``-m`` sweep of 2 jobs (CPU, gloo), with the jobs one after another in the sweep's process or
+    in joblib workers. Each job finishes and logs one run with its eval metrics."""
     proc = run_cli(
         "train",
         "-m",
+        *launcher,
         "seed=0,1",
         "trainer.strategy=ddp_spawn",
         "trainer.devices=2",

@@ -6,6 +6,7 @@ adds what they lack:
 - ``MLflowSweepCallback`` (registered in ``conf/hydra/default.yaml``): before any job starts it
   creates the experiment once (parallel jobs creating it race in SQLite) and the parent run, and
   writes ``<sweep dir>/mlflow_sweep.json`` so that jobs in other processes (joblib, SLURM) find it.
+  Before each job it lets a joblib worker spawn processes (``ddp_spawn``).
   After each job it records a failure (tag ``grpo_lab.error``, artifact ``error/traceback.txt``,
   status FAILED) and, unless ``sweep.fail_fast``, turns it into a NaN objective so the other jobs
   run. At the end it finishes the parent run (FAILED if any job failed) with a summary.
@@ -214,6 +215,20 @@ if not OmegaConf.has_resolver("grpo_lab_device"):
     OmegaConf.register_new_resolver("grpo_lab_device", _device_for_worker)
 
 
+def allow_spawn_in_worker() -> None:
+    """Let a job in a joblib worker start processes (``trainer.strategy=ddp_spawn``).
+
+    Loky sets its workers' default start method to ``loky``, and a spawned child sets the start
+    method of its parent before it runs anything: plain multiprocessing knows no ``loky``, so every
+    rank died at start (ValueError: cannot find context for 'loky'). The worker's own pool does
+    not use the default, so ``spawn`` is safe there.
+    """
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) == "loky":
+        multiprocessing.set_start_method("spawn", force=True)
+
+
 # --------------------------------------------------------------------------- MLflow helpers
 
 
@@ -391,6 +406,9 @@ class MLflowSweepCallback(Callback):
         }
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(data, indent=2) + "\n")
         log.info("MLflow sweep run %s (experiment %s): %s", run.info.run_id, name, label)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        allow_spawn_in_worker()
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
