@@ -6,6 +6,7 @@ adds what they lack:
 - ``MLflowSweepCallback`` (registered in ``conf/hydra/default.yaml``): before any job starts it
   creates the experiment once (parallel jobs creating it race in SQLite) and the parent run, and
   writes ``<sweep dir>/mlflow_sweep.json`` so that jobs in other processes (joblib, SLURM) find it.
+  Before each job it lets a joblib worker spawn processes (``ddp_spawn``).
   After each job it records a failure (tag ``grpo_lab.error``, artifact ``error/traceback.txt``,
   status FAILED) and, unless ``sweep.fail_fast``, turns it into a NaN objective so the other jobs
   run. At the end it finishes the parent run (FAILED if any job failed) with a summary.
@@ -13,6 +14,8 @@ adds what they lack:
   overrides) and its readable name from the swept values only (``G=8 eps=0.2 beta=0.04``).
 - ``prepare_argv``: run by the CLI before Hydra; names the missing plugin package
   (``pip install 'grpo-lab[sweep]'``) and expands ``seeds=3`` into ``seed=0,1,2``.
+- ``grpo_lab_device`` (the resolver ``hydra/launcher=parallel_gpu`` sets CUDA_VISIBLE_DEVICES
+  with): each joblib worker holds one GPU slot, a lock file in the sweep dir, for its life.
 
 Imports stay light at module level: the CLI imports this module on every command.
 """
@@ -105,34 +108,128 @@ def expand_seeds(argv: list[str]) -> list[str]:
     return [a for a in argv if a not in seeds_args and a not in seed_args] + [f"seed={seeds}"]
 
 
+def check_gpu_workers(argv: list[str]) -> None:
+    """``parallel_gpu`` runs one worker per GPU: ``hydra.launcher.n_jobs`` must be a count >= 1."""
+    values = dict(_split(a) for a in argv)
+    if values.get("hydra/launcher") != "parallel_gpu" or "hydra.launcher.n_jobs" not in values:
+        return
+    n_jobs = values["hydra.launcher.n_jobs"]
+    if not n_jobs.isdigit() or int(n_jobs) < 1:
+        raise SweepArgumentError(
+            f"hydra.launcher.n_jobs={n_jobs} is invalid with hydra/launcher=parallel_gpu: expected "
+            "the number of GPUs, an integer >= 1 (each worker holds one GPU)"
+        )
+
+
 def prepare_argv(argv: list[str]) -> list[str]:
-    """What the CLI runs on Hydra's arguments first: plugin check, then ``seeds=N``."""
+    """What the CLI runs on Hydra's arguments first: plugin and GPU-worker checks, then ``seeds=N``."""
     check_plugins(argv)
+    check_gpu_workers(argv)
     return expand_seeds(argv)
 
 
 # --------------------------------------------------------------------------- GPU per job
 
+GPU_SLOTS_DIR = ".gpu-slots"  # in the sweep dir: <slot>.lock, held by the worker using that GPU
+GPU_SLOT_WAIT_S = 120.0  # how long a new worker waits for a slot an exiting worker still holds
 
-_DEVICE: dict[str, str] = {}
+# This process's GPU: its pid, the CUDA_VISIBLE_DEVICES value, the open file whose lock holds the slot.
+# The pid tells a forked child that the slot it sees is its parent's.
+_GPU_SLOT: dict[str, Any] = {}
 
 
-def _device_for_job(job_num: Any, devices: Any) -> str:
-    """CUDA_VISIBLE_DEVICES for a joblib worker: its first job's number modulo ``devices``.
+def claim_gpu_slot(lock_dir: str | Path, n_slots: int, wait_s: float = GPU_SLOT_WAIT_S):
+    """The lowest free slot in ``[0, n_slots)`` and the open file whose exclusive lock holds it.
 
-    Loky reuses worker processes and CUDA reads the variable once per process, so a worker keeps
-    the device of its first job.
+    The lock (``fcntl.flock`` on ``<lock_dir>/<slot>.lock``) lasts while the file stays open, and
+    the OS drops it when the process ends, however it ends: a slot is free exactly when no live
+    worker holds it. A worker that finds every slot held waits up to ``wait_s`` (a worker loky
+    replaced may still be exiting), then fails.
     """
-    if "device" not in _DEVICE:
-        n = int(devices)
-        if n < 1:
-            raise ValueError(f"gpus_per_node={devices!r} is invalid: expected an integer >= 1")
-        _DEVICE["device"] = str(int(job_num) % n)
-    return _DEVICE["device"]
+    import fcntl
+    import time
+
+    lock_dir = Path(lock_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        for slot in range(n_slots):
+            f = open(lock_dir / f"{slot}.lock", "a")  # noqa: SIM115 -- held open for the process's life
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                continue
+            return slot, f
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"all {n_slots} GPU slots in {lock_dir} are held by other workers of this sweep; "
+                f"hydra.launcher.n_jobs={n_slots} is the number of GPUs, one worker per GPU"
+            )
+        time.sleep(0.2)
+
+
+def sweep_dir_of_job(job_output_dir: str | Path, job_subdir: str | Path) -> Path:
+    """The sweep dir: the job's output dir less its subdir (``hydra.sweep.subdir``).
+
+    Not ``${hydra.sweep.dir}``: Hydra resolves a job's env_set on a copy of its config that lost
+    the resolver cache, so ``${now:...}`` in the sweep dir gives the time of the job's start,
+    another folder for each worker that starts in another second.
+    """
+    out, sub = Path(str(job_output_dir)), Path(str(job_subdir))
+    k = len(sub.parts)
+    return Path(*out.parts[:-k]) if k and out.parts[-k:] == sub.parts else out.parent
+
+
+def _device_for_worker(job_output_dir: Any, job_subdir: Any, n_gpus: Any) -> str:
+    """CUDA_VISIBLE_DEVICES for this joblib worker: the GPU of the slot it holds (``parallel_gpu``).
+
+    Each worker process claims, on its first job, the lowest slot no other live worker of the
+    sweep holds, and keeps it for its life: loky reuses workers and CUDA reads the variable once
+    per process. Job numbers cannot serve: a worker's first job can be any job (joblib batches,
+    a replaced worker), so two running workers could get the same GPU. Slot i is GPU i, or the
+    i-th entry of the CUDA_VISIBLE_DEVICES the sweep was started with.
+    """
+    if _GPU_SLOT.get("pid") == os.getpid():
+        return _GPU_SLOT["device"]
+    try:
+        n = int(n_gpus)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(
+            f"hydra.launcher.n_jobs={n_gpus} is invalid with hydra/launcher=parallel_gpu: "
+            "expected the number of GPUs, an integer >= 1 (one worker per GPU)"
+        )
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible and len(visible) < n:
+        raise ValueError(
+            f"hydra.launcher.n_jobs={n} is invalid with CUDA_VISIBLE_DEVICES={','.join(visible)}: "
+            f"expected at most {len(visible)} workers, one per visible GPU"
+        )
+    slot, lock = claim_gpu_slot(sweep_dir_of_job(job_output_dir, job_subdir) / GPU_SLOTS_DIR, n)
+    device = visible[slot].strip() if visible else str(slot)
+    _GPU_SLOT.update(pid=os.getpid(), device=device, lock=lock)
+    log.info("GPU slot %d of %d: CUDA_VISIBLE_DEVICES=%s (pid %d)", slot, n, device, os.getpid())
+    return device
 
 
 if not OmegaConf.has_resolver("grpo_lab_device"):
-    OmegaConf.register_new_resolver("grpo_lab_device", _device_for_job)
+    OmegaConf.register_new_resolver("grpo_lab_device", _device_for_worker)
+
+
+def allow_spawn_in_worker() -> None:
+    """Let a job in a joblib worker start processes (``trainer.strategy=ddp_spawn``).
+
+    Loky sets its workers' default start method to ``loky``, and a spawned child sets the start
+    method of its parent before it runs anything: plain multiprocessing knows no ``loky``, so every
+    rank died at start (ValueError: cannot find context for 'loky'). The worker's own pool does
+    not use the default, so ``spawn`` is safe there.
+    """
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) == "loky":
+        multiprocessing.set_start_method("spawn", force=True)
 
 
 # --------------------------------------------------------------------------- MLflow helpers
@@ -238,6 +335,8 @@ def job_tags() -> tuple[str | None, dict[str, str]]:
         HOST_TAG: socket.gethostname(),
         PID_TAG: str(os.getpid()),
     }
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # the job's GPU under hydra/launcher=parallel_gpu
+        tags["grpo_lab.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return name, tags
 
 
@@ -354,6 +453,9 @@ class MLflowSweepCallback(Callback):
         handlers.__enter__()
         # Module state, not attributes: the joblib launcher pickles this callback for its workers.
         _WATCH.update(handlers=handlers, cleanup=kill_parent)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        allow_spawn_in_worker()
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
