@@ -264,9 +264,13 @@ def test_two_step_run_through_the_cli_logs_everything_to_mlflow(run_cli, tmp_pat
         assert len(history) == 2, f"{key}: {len(history)} points"
     assert [m.value for m in client.get_metric_history(run.info.run_id, "rollout")] == [1.0, 2.0]
     evals = client.get_metric_history(run.info.run_id, "eval/accuracy")
-    assert len(evals) >= 3  # start, after each rollout (eval_every=1), final
+    # the start (step 0) and one after each rollout (eval_every=1); the final eval reuses the
+    # eval of rollout 2 instead of scoring the same policy twice
+    assert sorted(m.step for m in evals) == [0, 1, 2]
     assert all(0.0 <= m.value <= 1.0 for m in evals)
-    assert "eval/accuracy_start" in run.data.metrics and "eval/accuracy_final" in run.data.metrics
+    assert "eval/accuracy_start" in run.data.metrics
+    last = max(evals, key=lambda m: m.step)
+    assert run.data.metrics["eval/accuracy_final"] == last.value
 
     # sample completions table
     tables = [a.path for a in client.list_artifacts(run.info.run_id, "completions")]
@@ -330,13 +334,17 @@ def _greedy_eval_of_checkpoint(ckpt: Path) -> dict[str, float]:
 @pytest.mark.slow
 def test_checkpoint_every_counts_rollouts_not_optimizer_steps(run_cli, tmp_path):
     """2 optimizer steps per rollout, a checkpoint every 2 rollouts, 3 rollouts: one kept
-    checkpoint, at rollout 2 = optimizer step 4 (counted in steps it would be at 2, 4 and 6)."""
+    checkpoint, at rollout 2 = optimizer step 4."""
     run_cli(
         "train", *FAST, "train.rollouts=3", "train.num_minibatches=2", "train.checkpoint_every=2"
     )
     (ckpt_dir,) = tmp_path.glob("outputs/*/*/checkpoints")
+    # named by rollout (the logged `step` is the rollout count); counted in optimizer steps
+    # the kept ones would be rollouts 1, 2 and 3
     kept = sorted(p.name for p in ckpt_dir.glob("rollout-*.ckpt"))
-    assert kept == ["rollout-step=4.ckpt"]
+    assert kept == ["rollout-step=2.ckpt"]
+    state = torch.load(ckpt_dir / kept[0], map_location="cpu", weights_only=False)
+    assert (state["global_step"], state["grpo_rollouts_done"]) == (4, 2)
     assert (ckpt_dir / "last.ckpt").is_file()
 
 

@@ -444,6 +444,19 @@ def cross_errors(cfg: Mapping) -> list[str]:
                         f"batch must be a multiple of G={G} (whole groups); or set "
                         "train.shared_prefix=false"
                     )
+    strategy, clip = str(value("trainer.strategy")), value("train.max_grad_norm")
+    if strategy.startswith("fsdp") and clip is not None:
+        errors.append(
+            f"train.max_grad_norm={clip} is invalid with trainer.strategy={strategy}: Lightning's "
+            "FSDP precision plugin cannot clip by norm in manual optimization; set "
+            "train.max_grad_norm=null (untested on GPUs here)"
+        )
+    if strategy.startswith("deepspeed"):
+        errors.append(
+            f"trainer.strategy={strategy} is not supported yet: ZeRO keeps gradients in its own "
+            "partitioned buffers, while the GRPO step clips and checks for non-finite gradients "
+            "on p.grad, so both would silently do nothing; use trainer=ddp or trainer=fsdp"
+        )
     lora, every = value("policy.lora.enabled"), value("train.ref_sync_every")
     kl_on = value("kl.estimator") != "none" and _is_num(value("beta")) and value("beta") > 0
     if lora is True and kl_on and _is_int(every) and every > 0:

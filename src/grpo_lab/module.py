@@ -160,6 +160,9 @@ class GRPOModule(L.LightningModule):
         self.last_rollout: Rollout | None = None  # read by tracking.CompletionTable
         self._phase_s = dict.fromkeys(PHASES, 0.0)  # this step's seconds per phase
         self._eval_outputs: list[dict[str, float]] = []
+        # (rollouts done, eval metrics) of the latest eval: the final eval reuses it when the
+        # last rollout was just evaluated, rather than score the same policy twice
+        self.last_eval: tuple[int, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ Lightning plumbing
 
@@ -684,14 +687,16 @@ class GRPOModule(L.LightningModule):
         ).tolist()
         if not n:
             return
+        metrics = {
+            "eval/accuracy": correct / n,
+            "eval/reward": reward / (n - errors) if n > errors else math.nan,
+            "eval/reward_errors": errors,
+            "eval/mean_length": length / n,
+        }
+        if self.trainer.state.fn == "fit":  # an eval inside fit, after rollout N
+            self.last_eval = (self.rollouts_done, metrics)
         self.log_dict(
-            {
-                "eval/accuracy": correct / n,
-                "eval/reward": reward / (n - errors) if n > errors else math.nan,
-                "eval/reward_errors": errors,
-                "eval/mean_length": length / n,
-                "step": float(self.rollouts_done),  # an eval after rollout N sits at step N
-            },
+            {**metrics, "step": float(self.rollouts_done)},  # an eval after rollout N: step N
             on_epoch=True,
             batch_size=int(n),
             sync_dist=True,  # the values are already global (equal on every rank): a no-op mean

@@ -281,7 +281,10 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         raise faults.Interrupted(
             stop.signum, f"Checkpoint of step {trainer.global_step}; resume with ckpt_path={path}"
         )
-    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    if module.last_eval is not None and module.last_eval[0] == module.rollouts_done:
+        final = dict(module.last_eval[1])  # the last rollout was just evaluated
+    else:
+        final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     # Stepped by rollout, as every other metric (global_step counts optimizer updates).
     logger.log_metrics(
         {f"{k}_final": v for k, v in final.items() if k.startswith("eval/")},
