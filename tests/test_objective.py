@@ -552,7 +552,7 @@ def test_objective_module_has_no_framework_imports():
 
 def test_infinite_values_on_padding_never_reach_the_loss():
     """k3 can overflow to inf where pi and pi_ref disagree wildly; on padding that must not turn
-    the aggregate into NaN (inf * 0 = NaN), and the gradient of real tokens stays finite."""
+    the aggregate into NaN (inf * 0 = NaN)."""
     logp = torch.tensor([[-1.0, -2.0, -1e4]], requires_grad=True)
     ref = torch.tensor([[-1.5, -2.0, 1e4]])
     mask = torch.tensor([[1, 1, 0]])
@@ -564,4 +564,59 @@ def test_infinite_values_on_padding_never_reach_the_loss():
     expected = (math.exp(-0.5) + 0.5 - 1.0 + 0.0) / 2
     assert aggregate(kl, mask).item() == pytest.approx(expected)
     assert torch.isfinite(objective.masked_mean(kl, mask))
-    assert torch.isfinite(kl_penalised_rewards(torch.zeros(1), logp, ref, mask, 0.1, "k3")).all()
+
+
+# Row of 2 real tokens and 1 padding token; the padding holds what a model can produce there:
+# log pi_theta = -inf (a masked logit), log pi_old = -inf, log pi_ref = +1e4 (garbage).
+PAD_LOGP = [[-1.0, -2.0, -math.inf]]
+PAD_OLD = [[-1.0, -2.0, -math.inf]]
+PAD_REF = [[-1.5, -2.0, 1e4]]
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "denominator"),
+    [("seq_mean_token_mean", 2), ("token_mean", 2), ("seq_mean_token_sum_norm", 3)],
+)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_infinite_log_probs_on_padding_give_finite_gradients(aggregation, denominator, ratio_level):
+    logp = t(PAD_LOGP).requires_grad_()
+    mask = t([[1, 1, 0]])
+    loss, stats = grpo_loss(
+        logp,
+        t(PAD_OLD),
+        t([1.0]),
+        mask,
+        eps_low=0.2,
+        eps_high=0.2,
+        beta=0.1,
+        ref_logp=t(PAD_REF),
+        kl_estimator="k3",
+        aggregation=aggregation,
+        max_len=3,
+        ratio_level=ratio_level,
+    )
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(grad).all(), grad
+    # Real tokens: rho = 1 (inside the clip range), so d(-rho A)/dlogp = -A = -1; k3's gradient
+    # is 1 - e^(ref - logp): 1 - e^-0.5 on token 0, 0 on token 1; both / the aggregation's
+    # denominator. Padding: exactly 0.
+    expected = t([[-1.0 + 0.1 * (1 - math.exp(-0.5)), -1.0, 0.0]]) / denominator
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+    kl_real = math.exp(-0.5) + 0.5 - 1.0  # k3 on token 0; token 1 agrees with pi_ref
+    assert loss.item() == pytest.approx((-2.0 + 0.1 * kl_real) / denominator, abs=1e-12)
+    assert stats.ratio_mean.item() == pytest.approx(1.0, abs=1e-12)
+    assert stats.kl.item() == pytest.approx(kl_real / 2, abs=1e-12)
+    assert stats.clip_region.item() == 0.0
+
+
+def test_infinite_log_probs_on_padding_leave_the_kl_reward_penalty_finite():
+    out = kl_penalised_rewards(t([1.0]), t(PAD_LOGP), t(PAD_REF), t([[1, 1, 0]]), 0.1, "k3")
+    # penalty = beta * (k3 on token 0 + 0 on token 1); padding adds nothing
+    assert out.item() == pytest.approx(1.0 - 0.1 * (math.exp(-0.5) + 0.5 - 1.0), abs=1e-12)
+
+
+def test_clip_fractions_ignore_nan_log_ratios_on_padding():
+    log_ratio = t([[math.log(1.5), math.nan, math.inf]])
+    fr = clip_fractions(log_ratio, t([1.0]), t([[1, 0, 0]]), 0.2, 0.2)
+    # one real token, rho 1.5 > 1.2 with A > 0: clipped high; padding counts for nothing
+    assert (fr["high"].item(), fr["low"].item(), fr["region"].item()) == (1.0, 0.0, 1.0)

@@ -9,7 +9,10 @@ CLI once per combination of independent options and read the options back from M
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -18,8 +21,10 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from conftest import FAST
+from grpo_lab import objective
+from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
-from grpo_lab.module import GRPOModule, OptimConfig, Rollout
+from grpo_lab.module import GRPOModule, OptimConfig, Rollout, prompt_seed
 from grpo_lab.paths import config_dir
 from grpo_lab.policy import tiny_llama
 from grpo_lab.rewards.combine import RewardSet
@@ -78,11 +83,9 @@ def other_model():
 
 def fit(module: GRPOModule, rollouts: int, prompts: int = 2) -> L.Trainer:
     """Real Lightning fit for ``rollouts`` GRPO steps; leaves the trainer attached."""
-    n = prompts * G
-    mini = module.algo.minibatch_size or n
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=rollouts * module.algo.mu * (n // mini),
+        max_steps=rollouts * module.optimizer_steps_per_rollout(prompts * G),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -92,6 +95,23 @@ def fit(module: GRPOModule, rollouts: int, prompts: int = 2) -> L.Trainer:
     )
     trainer.fit(module, datamodule=TaskDataModule(module.task, prompts, 4, 4, seed=0))
     return trainer
+
+
+def attach(module: GRPOModule) -> GRPOModule:
+    """Attach a real trainer, optimizer and scheduler without taking any step (max_steps=0),
+    so a test can call make_rollout / inner_updates itself on a known rollout."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=TaskDataModule(module.task, 2, 4, 4, seed=0))
+    return module
 
 
 # --------------------------------------------------------------------------- advantages
@@ -326,20 +346,161 @@ def test_sequence_ratio_level_uses_the_length_normalised_sequence_ratio():
 # --------------------------------------------------------------------------- training options
 
 
-def test_mu_reuses_the_rollout_old_logprobs_for_every_minibatch_update():
-    module = make_module(
-        "kl=none", "mu=2", "train.minibatch_size=4", lr=1e-2, rewards=Scripted(REWARDS)
+@pytest.mark.parametrize(
+    "aggregation", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+)
+@pytest.mark.parametrize("micro", [1, 2])
+def test_microbatching_gives_the_same_update_as_one_backward(aggregation, micro):
+    # hand_rollout has completions of 1, 2, 3 and 5 tokens, so a wrong weight per micro-batch
+    # (per row where it should be per token, or the reverse) changes the summed gradient.
+    def one_step(*extra: str) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        module = attach(make_module("kl=none", f"loss={aggregation}", *extra, lr=1e-2))
+        rollout = hand_rollout(module)
+        with torch.no_grad():
+            logp, _ = completion_logprobs(module.policy, rollout.completions)
+        rollout.old_logp = logp - row_shift(LOG_RHO, wiggle=True)  # ratios != 1, some clipped
+        stats = module.inner_updates(rollout)
+        params = list(module.policy.parameters())
+        return [p.detach().clone() for p in params], [p.grad.clone() for p in params], stats
+
+    whole_w, whole_g, whole = one_step()
+    split_w, split_g, split = one_step(f"train.microbatch_size={micro}")
+    assert any(g.abs().sum() > 0 for g in whole_g)
+    for a, b in zip(whole_g, split_g):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    for a, b in zip(whole_w, split_w):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    for key in ("loss", "surrogate", "ratio_mean", "clip_ratio/region_mean"):
+        assert split[key] == pytest.approx(whole[key], abs=1e-6), key
+
+
+def subset(c: Completions, idx: torch.Tensor) -> Completions:
+    return Completions(
+        prompt_ids=c.prompt_ids[idx],
+        prompt_mask=c.prompt_mask[idx],
+        completion_ids=c.completion_ids[idx],
+        completion_mask=c.completion_mask[idx],
+        truncated=c.truncated[idx],
     )
-    fit(module, rollouts=1)
-    opt = module.optimizers().optimizer
-    steps_before = opt.state[next(module.policy.parameters())]["step"].item()
+
+
+def test_later_minibatches_of_a_rollout_use_the_sampling_policy_as_pi_old():
+    # mu = 1 with 2 mini-batches of 4 of the 8 completions: two optimizer steps per rollout, so
+    # mini-batch 2 runs on a policy that has moved since sampling and must be clipped against
+    # pi_old = the sampling policy, not against itself (ratio 1).
+    module = attach(
+        make_module("kl=none", "train.minibatch_size=4", lr=1e-2, rewards=Scripted(REWARDS))
+    )
+    sampling_policy = copy.deepcopy(module.policy)
     rollout = module.make_rollout(EXAMPLES)
     with torch.no_grad():
-        logp, _ = completion_logprobs(module.policy, rollout.completions)
-    torch.testing.assert_close(rollout.old_logp, logp)  # pi_old = the sampling policy
+        pi_old, _ = completion_logprobs(sampling_policy, rollout.completions)
+    assert rollout.old_logp is not None, "two optimizer steps per rollout need pi_old log-probs"
+    torch.testing.assert_close(rollout.old_logp, pi_old)
+
+    policies = [sampling_policy]  # the policy each mini-batch's forward sees
+    opt = module.optimizers().optimizer
+    opt.register_step_post_hook(lambda *_: policies.append(copy.deepcopy(module.policy)))
+    torch.manual_seed(7)
+    order = torch.randperm(8)  # the shuffle inner_updates draws first under the same seed
+    torch.manual_seed(7)
+    stats = module.inner_updates(rollout)
+    assert len(policies) == 3  # two optimizer steps
+
+    a = module.algo
+    expected = []
+    for policy, idx in ((policies[0], order[:4]), (policies[1], order[4:])):
+        sub = subset(rollout.completions, idx)
+        with torch.no_grad():
+            logp, _ = completion_logprobs(policy, sub)
+        _, s = objective.grpo_loss(
+            logp,
+            pi_old[idx],
+            rollout.advantages[idx],
+            sub.completion_mask,
+            eps_low=a.epsilon_low,
+            eps_high=a.epsilon_high,
+            aggregation=a.aggregation,
+            max_len=MAX_NEW,
+        )
+        expected.append(s)
+    assert expected[0].ratio_mean == pytest.approx(1.0, abs=1e-6)  # on-policy first step
+    assert abs(expected[1].ratio_mean - 1.0) > 1e-3  # the policy moved: off-policy
+    for key, field in (("loss", "loss"), ("ratio_mean", "ratio_mean")):
+        want = (float(getattr(expected[0], field)) + float(getattr(expected[1], field))) / 2
+        assert stats[key] == pytest.approx(want, abs=1e-5), key
+
+
+def test_pi_old_and_pi_ref_log_probs_are_computed_in_micro_batches_to_the_same_values():
+    ref = other_model()
+    module = make_module(
+        "kl=k1",
+        "train.minibatch_size=4",
+        "train.microbatch_size=2",
+        rewards=Scripted(REWARDS),
+        reference=ref,
+    )
+    sampling_policy = copy.deepcopy(module.policy)
+    rollout = module.make_rollout(EXAMPLES)
+    with torch.no_grad():  # one forward over all 8 rows, as a reference
+        pi_old, _ = completion_logprobs(sampling_policy, rollout.completions)
+        pi_ref, _ = completion_logprobs(ref, rollout.completions)
+    torch.testing.assert_close(rollout.old_logp, pi_old)
+    torch.testing.assert_close(rollout.ref_logp, pi_ref)
+
+
+def test_num_minibatches_splits_the_rollout_into_that_many_optimizer_steps():
+    module = attach(
+        make_module("kl=none", "train.num_minibatches=2", lr=1e-2, rewards=Scripted(REWARDS))
+    )
+    opt = module.optimizers().optimizer
+    rollout = module.make_rollout(EXAMPLES)
+    assert rollout.old_logp is not None  # 2 steps on one rollout: pi_old is needed
+    module.inner_updates(rollout)
+    # 8 completions in 2 mini-batches of 4: two optimizer steps
+    assert opt.state[next(module.policy.parameters())]["step"].item() == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.num_minibatches=2", "train.minibatch_size=4"],
+            "train.num_minibatches=2 and train.minibatch_size=4",
+        ),
+        (["train.num_minibatches=3"], "train.num_minibatches=3 is invalid: it must divide"),
+        (["train.num_minibatches=0"], "train.num_minibatches=0 is invalid: expected null or an"),
+        (
+            ["train.num_minibatches=2", "train.microbatch_size=3"],
+            "train.microbatch_size=3 is invalid: it must divide the mini-batch of 4",
+        ),
+    ],
+)
+def test_bad_num_minibatches_fails_before_compute_naming_the_keys(overrides, message):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["train.prompts_per_step=2", f"G={G}", *overrides])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
+
+
+def test_mu_reuses_the_rollout_old_logprobs_for_every_minibatch_update():
+    module = attach(
+        make_module("kl=none", "mu=2", "train.minibatch_size=4", lr=1e-2, rewards=Scripted(REWARDS))
+    )
+    sampling_policy = copy.deepcopy(module.policy)
+    opt = module.optimizers().optimizer
+    rollout = module.make_rollout(EXAMPLES)
+    with torch.no_grad():
+        pi_old, _ = completion_logprobs(sampling_policy, rollout.completions)
+    torch.testing.assert_close(rollout.old_logp, pi_old)  # pi_old = the sampling policy
     stats = module.inner_updates(rollout)
     # mu 2 passes x 2 mini-batches of 4 of the 8 completions = 4 optimizer steps
-    assert opt.state[next(module.policy.parameters())]["step"].item() - steps_before == 4
+    assert opt.state[next(module.policy.parameters())]["step"].item() == 4
+    with torch.no_grad():
+        moved, _ = completion_logprobs(module.policy, rollout.completions)
+    assert (moved - pi_old).abs().max() > 1e-3  # the policy moved ...
+    torch.testing.assert_close(rollout.old_logp, pi_old)  # ... and pi_old stayed put
     # the first update sees ratio 1, the later ones the moved policy over the same pi_old
     assert abs(stats["ratio_mean"] - 1.0) > 1e-4
 
@@ -392,6 +553,108 @@ def test_dynamic_sampling_replaces_zero_variance_groups_and_logs_the_drop_rate()
 
     off = make_module("kl=none", rewards=Scripted(first, fresh)).make_rollout(EXAMPLES)
     assert "dynamic_sampling/drop_rate" not in off.stats
+
+
+def test_dynamic_sampling_retries_draw_fresh_prompts_each_time():
+    module = make_module("kl=none", "train.dynamic_sampling=true")
+    draws = [module._fresh_prompts(3) for _ in range(4)]  # 4 retries, 3 dead groups each
+    # 80 training prompts: four draws of 3 agreeing by chance has probability ~1e-17
+    assert len({tuple(ex.prompt for ex in d) for d in draws}) == 4
+
+
+def test_dynamic_sampling_prompts_depend_on_the_seed():
+    seed0 = make_module("kl=none", "seed=0")._fresh_prompts(4)
+    seed1 = make_module("kl=none", "seed=1")._fresh_prompts(4)
+    assert [ex.prompt for ex in seed0] != [ex.prompt for ex in seed1]
+    again = make_module("kl=none", "seed=0")._fresh_prompts(4)
+    assert [ex.prompt for ex in again] == [ex.prompt for ex in seed0]  # reproducible
+
+
+def test_each_rank_draws_its_own_replacement_prompts():
+    seeds = {prompt_seed(seed, rank) for seed in range(3) for rank in range(4)}
+    assert len(seeds) == 12  # no two (seed, rank) pairs share a stream
+    draws = {
+        rank: torch.randint(80, (8,), generator=torch.Generator().manual_seed(prompt_seed(0, rank)))
+        for rank in (0, 1)
+    }
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_a_resumed_run_continues_the_replacement_prompt_stream():
+    module = make_module("kl=none", "train.dynamic_sampling=true")
+    module._fresh_prompts(3)
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    expected = [ex.prompt for ex in module._fresh_prompts(3)]
+    resumed = make_module("kl=none", "train.dynamic_sampling=true")
+    resumed.on_load_checkpoint(checkpoint)
+    assert [ex.prompt for ex in resumed._fresh_prompts(3)] == expected
+
+
+def nan_gradient_on(param: torch.nn.Parameter):
+    """Fault injection: the gradient of ``param`` becomes NaN in every backward (the loss stays
+    finite), as 0 x inf on a padding token would make it."""
+    return param.register_hook(lambda grad: torch.full_like(grad, math.nan))
+
+
+def test_a_nan_gradient_skips_the_step_and_counts_it():
+    module = attach(make_module("kl=none", lr=1e-2, rewards=Scripted(REWARDS)))
+    params = list(module.policy.parameters())
+    opt = module.optimizers().optimizer
+    module.inner_updates(module.make_rollout(EXAMPLES))  # one good step: Adam has state
+    weights = [p.detach().clone() for p in params]
+    adam = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    hook = nan_gradient_on(params[-1])
+    stats = module.inner_updates(module.make_rollout(EXAMPLES))
+    assert math.isfinite(stats["loss"])  # the loss alone would not have caught it
+    assert (stats["skipped_steps"], stats["skipped_steps_total"]) == (1.0, 1.0)
+    for w, p in zip(weights, params):
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=0)
+    for state, p in zip(adam, params):
+        for k, v in state.items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=0, atol=0)
+    hook.remove()
+    stats = module.inner_updates(module.make_rollout(EXAMPLES))
+    assert (stats["skipped_steps"], stats["skipped_steps_total"]) == (0.0, 1.0)
+    assert not torch.equal(params[0].detach(), weights[0])  # a finite gradient steps again
+
+
+def test_consecutive_nan_gradients_stop_the_run_with_what_to_try():
+    module = make_module(
+        "kl=none", "train.max_consecutive_skipped_steps=3", lr=1e-2, rewards=Scripted(REWARDS)
+    )
+    nan_gradient_on(next(module.policy.parameters()))
+    with pytest.raises(FloatingPointError) as err:
+        fit(module, rollouts=5)
+    message = str(err.value)
+    assert "3 optimizer steps in a row" in message and "rollout 3" in message
+    assert "train.lr" in message and "checkpoints" in message.lower()
+    assert module.rollouts_done == 2  # stopped in the third rollout, not after five
+
+
+def test_a_finite_step_resets_the_consecutive_skip_count():
+    module = attach(
+        make_module(
+            "kl=none", "train.max_consecutive_skipped_steps=2", lr=1e-2, rewards=Scripted(REWARDS)
+        )
+    )
+    param = next(module.policy.parameters())
+    for _ in range(2):
+        hook = nan_gradient_on(param)
+        module.inner_updates(module.make_rollout(EXAMPLES))  # 1 skip: below the limit of 2
+        hook.remove()
+        module.inner_updates(module.make_rollout(EXAMPLES))  # a good step in between
+    hook = nan_gradient_on(param)
+    module.inner_updates(module.make_rollout(EXAMPLES))
+    with pytest.raises(FloatingPointError, match="2 optimizer steps in a row"):
+        module.inner_updates(module.make_rollout(EXAMPLES))
+
+
+def test_max_consecutive_skipped_steps_must_be_at_least_one():
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["train.max_consecutive_skipped_steps=0"])
+    with pytest.raises(ConfigError, match=r"train.max_consecutive_skipped_steps=0 is invalid"):
+        validate(cfg)
 
 
 # --------------------------------------------------------------------------- through the CLI
@@ -463,3 +726,44 @@ def test_cli_k2_reward_mode_batch_std_sum_norm_mu2_ref_sync_dynamic_sampling(
     # completions = 8 optimizer steps (the checkpoint names carry trainer.global_step)
     ckpts = sorted(p.name for p in tmp_path.rglob("rollout-*.ckpt"))
     assert "rollout-step=8.ckpt" in ckpts, ckpts
+
+
+@pytest.mark.slow
+def test_cli_mu2_minibatches_and_microbatches_clip_against_the_sampling_policy(
+    run_cli, tracking_uri, tmp_path
+):
+    # As a user would: mu 2 over 2 mini-batches of 8 of the 16 completions, each in 4
+    # micro-batches of 2, on one CPU device. A varying reward so that every update moves.
+    tests_dir = str(Path(__file__).parent)  # signal_rewards.py
+    run_cli(
+        "train",
+        *fast("train.rollouts"),
+        "train.rollouts=2",
+        "mu=2",
+        "train.num_minibatches=2",
+        "train.microbatch_size=2",
+        "reward=custom",
+        "reward.functions.custom._target_=signal_rewards.text_checksum",
+        "train.lr=1e-2",
+        "train.warmup_steps=0",
+        env={
+            "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+        },
+    )
+    client, run = run_of(tracking_uri)
+    p = run.data.params
+    assert (p["mu"], p["train.num_minibatches"], p["train.microbatch_size"]) == ("2", "2", "2")
+    # 2 rollouts x mu 2 x 2 mini-batches = 8 optimizer steps, none skipped
+    ckpts = sorted(c.name for c in tmp_path.rglob("rollout-*.ckpt"))
+    assert "rollout-step=8.ckpt" in ckpts, ckpts
+    history = {
+        key: [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        for key in ("ratio_mean", "clip_ratio/region_mean", "grad_norm", "skipped_steps_total")
+    }
+    assert history["skipped_steps_total"] == [0.0, 0.0]
+    assert all(g > 0 for g in history["grad_norm"])
+    # Steps 2-4 of each rollout run on a policy that moved since sampling: the mean ratio leaves
+    # 1 (it would be exactly 1 were pi_old the current policy), and lr 1e-2 moves it past 1 +- 0.2
+    # somewhere (clip_ratio counts a token only where the clip removed its gradient).
+    assert all(abs(r - 1.0) > 1e-3 for r in history["ratio_mean"]), history["ratio_mean"]
+    assert max(history["clip_ratio/region_mean"]) > 0.0, history["clip_ratio/region_mean"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
@@ -9,7 +12,7 @@ from mlflow import MlflowClient
 from conftest import FAST
 from grpo_lab.config import validate
 from grpo_lab.paths import config_dir
-from grpo_lab.train import algo_config
+from grpo_lab.train import algo_config, optimizer_steps
 
 PRESETS = ["dapo", "dr_grpo", "grpo_paper", "gspo"]
 PAPERS = {  # arXiv id each preset must cite
@@ -54,7 +57,8 @@ EXPECTED = {
         epsilon_low=3e-4,
         epsilon_high=4e-4,
         advantage_scale="group_std",
-        minibatch_size=32,
+        minibatch_size=None,
+        num_minibatches=4,
     ),
 }
 
@@ -87,6 +91,13 @@ def test_preset_composes_to_its_paper_settings(name):
         assert getattr(got, field) == pytest.approx(value), field
 
 
+@pytest.mark.parametrize(("B", "G"), [(16, 8), (4, 4), (3, 4)])
+def test_gspo_splits_any_rollout_into_four_minibatches(B, G):
+    cfg = cfg_of("experiment=gspo", f"train.prompts_per_step={B}", f"G={G}", "train.rollouts=10")
+    validate(cfg)  # B*G = 128, 16, 12: each divisible by 4, so each is a valid gspo run
+    assert optimizer_steps(cfg) == 10 * 1 * 4  # rollouts x mu x 4 mini-batches
+
+
 def test_dapo_combines_the_accuracy_format_and_overlong_rewards():
     reward = cfg_of("experiment=dapo").reward
     assert sorted(reward.functions) == ["accuracy", "format", "overlong"]
@@ -114,7 +125,21 @@ def test_default_experiment_is_unchanged_by_the_presets_machinery():
 # --------------------------------------------------------------------------- through the CLI
 
 ONE_ROLLOUT = [o for o in FAST if not o.startswith("train.rollouts=")] + ["train.rollouts=1"]
-CLI_EXTRA = {"gspo": ["train.minibatch_size=4"]}  # FAST has B*G = 16 completions, not 128
+# GSPO's clipping shows only when the policy moves between its 4 mini-batches: give the groups
+# reward variance (a few-step SFT model is rarely right, so accuracy is 0 for all) and a step
+# size that moves the sequence ratio past its 3e-4 / 4e-4 clip range.
+SIGNAL = [
+    "reward=custom",
+    "reward.functions.custom._target_=signal_rewards.text_checksum",
+    "train.lr=1e-2",
+    "train.warmup_steps=0",
+]
+CLI_EXTRA = {"gspo": SIGNAL}
+TESTS_ON_PATH = {  # signal_rewards.py sits beside this file
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p
+    )
+}
 CLI_PARAMS = {
     "grpo_paper": {"kl.estimator": "k3", "beta": "0.04", "loss.aggregation": "seq_mean_token_mean"},
     "dapo": {
@@ -130,7 +155,13 @@ CLI_PARAMS = {
         "loss.aggregation": "seq_mean_token_sum_norm",
         "beta": "0.0",
     },
-    "gspo": {"loss.ratio_level": "sequence", "loss.epsilon_low": "0.0003", "beta": "0.0"},
+    "gspo": {
+        "loss.ratio_level": "sequence",
+        "loss.epsilon_low": "0.0003",
+        "beta": "0.0",
+        "train.num_minibatches": "4",
+        "train.minibatch_size": "None",
+    },
 }
 CLI_METRICS = {
     "grpo_paper": ["kl", "loss"],
@@ -142,8 +173,10 @@ CLI_METRICS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_trains_one_rollout_through_the_cli(name, run_cli, tracking_uri):
-    proc = run_cli("train", f"experiment={name}", *ONE_ROLLOUT, *CLI_EXTRA.get(name, []))
+def test_preset_trains_one_rollout_through_the_cli(name, run_cli, tracking_uri, tmp_path):
+    proc = run_cli(
+        "train", f"experiment={name}", *ONE_ROLLOUT, *CLI_EXTRA.get(name, []), env=TESTS_ON_PATH
+    )
     assert "eval/accuracy =" in proc.stdout
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name("grpo_lab")
@@ -156,3 +189,27 @@ def test_preset_trains_one_rollout_through_the_cli(name, run_cli, tracking_uri):
         assert metric in run.data.metrics, metric
     if name != "grpo_paper":  # kl=none: no reference model, so the logged KL is exactly 0
         assert run.data.metrics.get("kl", 0.0) == 0.0
+    m = run.data.metrics
+    assert m["skipped_steps_total"] == 0.0
+    if name != "gspo":
+        # One optimizer step per rollout: pi_old is the current policy, exactly, so the ratio is
+        # exactly 1 and nothing is clipped.
+        assert (m["ratio_mean"], m["clip_ratio/region_mean"]) == (1.0, 0.0)
+    if name == "grpo_paper":
+        assert m["kl"] == 0.0  # the step's policy is still pi_ref: k3 = e^0 - 0 - 1 = 0
+        # seq-mean of -A_i with A normalised within each group: 0 up to rounding
+        assert abs(m["loss"]) < 1e-5
+    if name == "dapo":
+        assert 0.0 <= m["dynamic_sampling/drop_rate"] <= 1.0
+        assert 1.0 <= m["dynamic_sampling/tries"] <= 4.0  # train.dynamic_sampling_max_tries
+        assert -1.0 <= m["rewards/overlong/mean"] <= 0.0  # DAPO eq. 13 lies in [-1, 0]
+    if name == "gspo":
+        # B*G = 16 in 4 mini-batches of 4: 4 optimizer steps on the one rollout ...
+        ckpts = sorted(p.name for p in tmp_path.rglob("rollout-*.ckpt"))
+        assert "rollout-step=4.ckpt" in ckpts, ckpts
+        # ... and mini-batches 2-4 run on a moved policy against pi_old = the sampling policy:
+        # the sequence ratio leaves 1 and its narrow clip range bites. (Were pi_old the current
+        # policy, ratio_mean would be exactly 1 and nothing clipped.)
+        assert m["grad_norm"] > 0
+        assert m["ratio_mean"] != 1.0
+        assert m["clip_ratio/region_mean"] > 0.0

@@ -68,6 +68,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.minibatch_size": _rule(
         lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
     ),
+    "train.num_minibatches": _rule(
+        lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
+    ),
     "train.microbatch_size": _rule(
         lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"
     ),
@@ -75,6 +78,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.weight_decay": _rule(lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "train.max_grad_norm": _rule(
         lambda v: v is None or (_is_num(v) and v > 0), "null or a number > 0"
+    ),
+    "train.max_consecutive_skipped_steps": _rule(
+        lambda v: _is_int(v) and v >= 1,
+        "an integer >= 1 (optimizer steps with a non-finite gradient in a row before the run stops)",
     ),
     "train.scheduler": _choice(*schema.Scheduler),
     "train.warmup_steps": _rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
@@ -182,14 +189,25 @@ def validate(cfg: DictConfig) -> None:
     _, G = _get(cfg, "G")
     _, mini = _get(cfg, "train.minibatch_size")
     _, micro = _get(cfg, "train.microbatch_size")
+    _, parts = _get(cfg, "train.num_minibatches")
     if not errors and _is_int(B) and _is_int(G):
         n = B * G
+        if mini is not None and parts is not None:
+            errors.append(
+                f"train.num_minibatches={parts} and train.minibatch_size={mini} are both set: "
+                "give one of them and set the other to null"
+            )
         if mini is not None and n % mini:
             errors.append(
                 f"train.minibatch_size={mini} is invalid: it must divide the rollout batch "
                 f"train.prompts_per_step * G = {B} * {G} = {n} (e.g. {_divisors(n)})"
             )
-        step = mini or n
+        if parts is not None and n % parts:
+            errors.append(
+                f"train.num_minibatches={parts} is invalid: it must divide the rollout batch "
+                f"train.prompts_per_step * G = {B} * {G} = {n} (e.g. {_divisors(n)})"
+            )
+        step = mini or (n // parts if parts and not n % parts else n)
         if micro is not None and step % micro:
             errors.append(
                 f"train.microbatch_size={micro} is invalid: it must divide the mini-batch of "

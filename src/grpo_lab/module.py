@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
 from grpo_lab import objective
@@ -27,7 +29,8 @@ class AlgoConfig:
 
     G: completions per prompt. epsilon_low / epsilon_high: clip range of the ratio.
     beta: KL coefficient (0 = no reference model is created). mu: inner iterations per rollout.
-    minibatch_size: completions per optimizer step (divides B*G);
+    minibatch_size: completions per optimizer step (divides B*G); or num_minibatches: optimizer
+    steps per pass over the rollout (divides B*G; at most one of the two is set);
     microbatch_size: completions per forward/backward (divides minibatch_size).
     """
 
@@ -47,12 +50,15 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     mask_truncated: bool = False
     minibatch_size: int | None = None
+    num_minibatches: int | None = None
     microbatch_size: int | None = None
     max_grad_norm: float | None = 1.0
+    max_consecutive_skipped_steps: int = 3  # non-finite gradients in a row before the run stops
     ref_sync_every: int = 0  # refresh the reference every N rollouts (0 = never)
     ref_sync_mix: float = 1.0  # 1.0 = hard copy; < 1 = TR-DPO mix alpha
     dynamic_sampling: bool = False
     dynamic_sampling_max_tries: int = 4
+    seed: int = 0  # with the process rank, seeds the stream of dynamic-sampling prompts
 
 
 @dataclass
@@ -75,7 +81,8 @@ class Rollout:
     rewards:     (N,) weighted reward
     per_fn:      name -> (N,) each reward function's scores (NaN = None)
     advantages:  (N,)
-    old_logp:    (N, T) or None when mu == 1 (then pi_old = detached pi_theta)
+    old_logp:    (N, T) log pi_old, taken before the first update; None when the rollout gets
+                 exactly one optimizer step (then pi_old = detached pi_theta, exactly)
     ref_logp:    (N, T) or None when beta == 0
     """
 
@@ -136,6 +143,9 @@ class GRPOModule(L.LightningModule):
         if self.has_reference and not lora_base_is_reference:
             self.reference = reference if reference is not None else frozen_copy(self.policy)
         self.rollouts_done = 0
+        self.skipped_steps_total = 0  # optimizer steps skipped for a non-finite gradient
+        self.consecutive_skipped_steps = 0
+        self._prompt_gen: torch.Generator | None = None  # made on first use, once the rank is known
         self.last_rollout: Rollout | None = None  # read by tracking.CompletionTable
         self._eval_outputs: list[dict[str, float]] = []
 
@@ -165,9 +175,30 @@ class GRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["grpo_rollouts_done"] = self.rollouts_done
+        checkpoint["grpo_skipped_steps_total"] = self.skipped_steps_total
+        checkpoint["grpo_prompt_generator"] = {
+            "rank": self.global_rank,
+            "state": self._prompt_generator().get_state(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rollouts_done = checkpoint.get("grpo_rollouts_done", 0)
+        self.skipped_steps_total = checkpoint.get("grpo_skipped_steps_total", 0)
+        saved = checkpoint.get("grpo_prompt_generator")
+        self._prompt_gen = torch.Generator()
+        if saved is not None and saved["rank"] == self.global_rank:
+            self._prompt_gen.set_state(saved["state"])
+        else:
+            # Only one rank writes the checkpoint: the others start a stream of their own that
+            # depends on how far the run got, so they do not replay their first prompts.
+            seed = prompt_seed(self.algo.seed, self.global_rank, self.rollouts_done)
+            self._prompt_gen.manual_seed(seed)
+
+    def _prompt_generator(self) -> torch.Generator:
+        if self._prompt_gen is None:
+            seed = prompt_seed(self.algo.seed, self.global_rank)
+            self._prompt_gen = torch.Generator().manual_seed(seed)
+        return self._prompt_gen
 
     def _encode_prompts(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids and mask (B, P), rendered as SFT and eval render them."""
@@ -235,20 +266,17 @@ class GRPOModule(L.LightningModule):
                 rollout.stats["dynamic_sampling/drop_rate"] = drop_rate
                 rollout.stats["dynamic_sampling/tries"] = float(tries)
 
-            temperature = self.sampler.temperature
             if self.has_reference:
                 rollout.ref_logp = self._reference_logprobs(rollout.completions)
-            if self.algo.mu > 1:
-                rollout.old_logp, _ = completion_logprobs(
-                    self.policy, rollout.completions, temperature=temperature
-                )
+            # Every optimizer step after the first of a rollout is off-policy: it needs the
+            # sampling policy's log-probs (TRL computes them whenever the steps differ).
+            if self.optimizer_steps_per_rollout(rollout.rewards.shape[0]) > 1:
+                rollout.old_logp = self._rollout_logprobs(self.policy, rollout.completions)
             rewards = rollout.rewards
             if self.algo.kl_mode == "reward" and self.has_reference:
                 logp = rollout.old_logp
                 if logp is None:
-                    logp, _ = completion_logprobs(
-                        self.policy, rollout.completions, temperature=temperature
-                    )
+                    logp = self._rollout_logprobs(self.policy, rollout.completions)
                 rewards = objective.kl_penalised_rewards(
                     rewards,
                     logp,
@@ -269,13 +297,27 @@ class GRPOModule(L.LightningModule):
         else:
             model, base = self.policy, self.policy.disable_adapter()
         with base:
-            logp, _ = completion_logprobs(model, completions, temperature=self.sampler.temperature)
-        return logp
+            return self._rollout_logprobs(model, completions)
+
+    def _rollout_logprobs(self, model: torch.nn.Module, completions: Completions) -> Tensor:
+        """log pi (N, T) of a whole rollout, no grad, in chunks of the micro-batch size: a forward
+        holds logits (rows, T, V), and micro-batching is there because B*G rows of them do not fit."""
+        n = completions.completion_ids.shape[0]
+        size = self.algo.microbatch_size or self.minibatch_size(n)
+        rows = torch.arange(n, device=completions.completion_ids.device)
+        parts = [
+            completion_logprobs(
+                model, _select(completions, idx), temperature=self.sampler.temperature
+            )[0]
+            for idx in rows.split(size)
+        ]
+        return torch.cat(parts)
 
     def _fresh_prompts(self, n_groups: int) -> list[Example]:
+        """n_groups training prompts for dynamic sampling, from this process's own stream."""
         pool = self.task.train()
-        gen = torch.Generator().manual_seed(self.rollouts_done * 7919 + n_groups)
-        return [pool[i] for i in torch.randint(len(pool), (n_groups,), generator=gen).tolist()]
+        picks = torch.randint(len(pool), (n_groups,), generator=self._prompt_generator())
+        return [pool[i] for i in picks.tolist()]
 
     def _advantages(self, rewards: Tensor) -> Tensor:
         return objective.group_advantages(
@@ -333,15 +375,26 @@ class GRPOModule(L.LightningModule):
                 stats[f"rewards/{name}/std"] = scores[valid].std(unbiased=False).item()
         return stats
 
+    def minibatch_size(self, n: int) -> int:
+        """Completions per optimizer step for a rollout of n completions."""
+        if self.algo.num_minibatches:
+            return n // self.algo.num_minibatches
+        return self.algo.minibatch_size or n
+
+    def optimizer_steps_per_rollout(self, n: int) -> int:
+        """mu x mini-batches: how many times the policy moves on one rollout of n completions."""
+        return self.algo.mu * math.ceil(n / self.minibatch_size(n))
+
     def inner_updates(self, rollout: Rollout) -> dict[str, float]:
         """mu passes over the rollout in mini-batches, one optimizer step per mini-batch."""
         opt = self.optimizers()
         sched = self.lr_schedulers()
         N = rollout.rewards.shape[0]
-        mini = self.algo.minibatch_size or N
+        mini = self.minibatch_size(N)
         micro = self.algo.microbatch_size or mini
         sums: dict[str, float] = {}
-        n_updates = 0
+        n_updates = skipped = 0
+        grad_norms: list[float] = []
         for _ in range(self.algo.mu):
             order = (
                 torch.randperm(N, device=self.device)
@@ -352,12 +405,19 @@ class GRPOModule(L.LightningModule):
                 idx = order[start : start + mini]
                 stats = self._minibatch_step(rollout, idx, micro, opt)
                 grad_norm = self._clip_and_step(opt)
+                # The schedule follows planned updates (global_step), skipped ones included.
                 sched.step()
-                stats["grad_norm"] = grad_norm
+                if math.isfinite(grad_norm):
+                    grad_norms.append(grad_norm)
+                else:
+                    skipped += 1
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
         out = {k: v / n_updates for k, v in sums.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
+        out["skipped_steps"] = float(skipped)
+        out["skipped_steps_total"] = float(self.skipped_steps_total)
         out["lr"] = sched.get_last_lr()[0]
         return out
 
@@ -368,11 +428,16 @@ class GRPOModule(L.LightningModule):
             mask = mask * (~rollout.completions.truncated).long().unsqueeze(1)
         by_tokens = self.algo.aggregation == "token_mean"
         total = mask[idx].sum().clamp(min=1).item() if by_tokens else float(len(idx))
+        total_tokens = mask[idx].sum().clamp(min=1).item()
         opt.zero_grad(set_to_none=True)
         chunks = list(torch.split(idx, micro))
         sums: dict[str, float] = {}
         for i, chunk in enumerate(chunks):
             weight = (mask[chunk].sum().item() if by_tokens else float(len(chunk))) / total
+            # Token means (ratio, clip fractions, KL, entropy) combine by token count whatever
+            # the aggregation, or a micro-batch of short completions would count as much as one
+            # of long ones.
+            token_weight = mask[chunk].sum().item() / total_tokens
             sub = _select(rollout.completions, chunk)
             sub.completion_mask = mask[chunk]
             logp, entropy = completion_logprobs(
@@ -407,8 +472,15 @@ class GRPOModule(L.LightningModule):
                     "check the rewards and sampler.temperature. Checkpoints saved so far are kept."
                 )
             last = i == len(chunks) - 1
-            # Under DDP, sync gradients only on the last micro-batch of the mini-batch.
-            sync = contextlib.nullcontext() if last else self.trainer.strategy.block_backward_sync()
+            # Under DDP, sync gradients only on the last micro-batch of the mini-batch. Only a
+            # ParallelStrategy has block_backward_sync (Lightning's own loops check the same).
+            strategy = self.trainer.strategy
+            parallel = isinstance(strategy, ParallelStrategy)
+            sync = (
+                strategy.block_backward_sync()
+                if parallel and not last
+                else contextlib.nullcontext()
+            )
             with sync:
                 self.manual_backward(loss * weight)
             if ref is not None and self.algo.kl_mode == "reward":
@@ -416,11 +488,11 @@ class GRPOModule(L.LightningModule):
                     objective.kl_estimate(logp.detach(), ref, self.algo.kl_estimator),
                     sub.completion_mask,
                 )
+            # With one optimizer step per rollout the ratio is exactly 1 and this loss is ~0
+            # although its gradient is not: -A * grad log pi / |o_i| (see objective.grpo_loss).
+            for name, value in {"loss": stats.loss, "surrogate": stats.surrogate}.items():
+                sums[name] = sums.get(name, 0.0) + weight * float(value)
             for name, value in {
-                # With mu = 1 the ratio is exactly 1 and this loss is ~0 although its gradient
-                # is not: the gradient is -A * grad log pi / |o_i| (see objective.grpo_loss).
-                "loss": stats.loss,
-                "surrogate": stats.surrogate,
                 "kl": stats.kl,
                 "entropy": stats.entropy,
                 "clip_ratio/low_mean": stats.clip_low,
@@ -428,20 +500,50 @@ class GRPOModule(L.LightningModule):
                 "clip_ratio/region_mean": stats.clip_region,
                 "ratio_mean": stats.ratio_mean,
             }.items():
-                sums[name] = sums.get(name, 0.0) + weight * float(value)
+                sums[name] = sums.get(name, 0.0) + token_weight * float(value)
         return sums
 
     def _clip_and_step(self, opt) -> float:
+        """Clip and apply the accumulated gradient; skip the update when its norm is not finite.
+
+        Returns the gradient norm before clipping (inf or NaN for a skipped step).
+        """
         params = [p for p in self.policy.parameters() if p.grad is not None]
         grad_norm = (
             torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.tensor(0.0)
         )
+        # Under fp16 mixed precision the GradScaler overflows on purpose and skips those steps
+        # itself (opt.step with no gradient at all would trip its bookkeeping).
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not torch.isfinite(grad_norm) and scaler is None:
+            self._skip_step(opt, float(grad_norm))
+            return float(grad_norm)
+        self.consecutive_skipped_steps = 0
         if self.algo.max_grad_norm:
             self.clip_gradients(
                 opt, gradient_clip_val=self.algo.max_grad_norm, gradient_clip_algorithm="norm"
             )
         opt.step()
         return float(grad_norm)
+
+    def _skip_step(self, opt, grad_norm: float) -> None:
+        """A finite loss can carry a NaN or inf gradient (0 x inf in a backward); applying it
+        would ruin the weights and Adam's moments for good. With every grad None, AdamW leaves
+        weights and state untouched, while opt.step() still counts in Lightning's global_step,
+        so max_steps and checkpoint names keep counting planned updates."""
+        opt.zero_grad(set_to_none=True)
+        opt.step()
+        self.skipped_steps_total += 1
+        self.consecutive_skipped_steps += 1
+        limit = self.algo.max_consecutive_skipped_steps
+        if self.consecutive_skipped_steps >= limit:
+            raise FloatingPointError(
+                f"{self.consecutive_skipped_steps} optimizer steps in a row had a non-finite "
+                f"gradient norm ({grad_norm}), the last at rollout {self.rollouts_done + 1}; "
+                "each was skipped, and train.max_consecutive_skipped_steps="
+                f"{limit} stops the run here. Try a lower train.lr, or check the rewards, "
+                "sampler.temperature and the policy's dtype. Checkpoints saved so far are kept."
+            )
 
     def _maybe_refresh_reference(self) -> None:
         every = self.algo.ref_sync_every
@@ -483,6 +585,14 @@ class GRPOModule(L.LightningModule):
             on_epoch=True,
             batch_size=n,
         )
+
+
+def prompt_seed(seed: int, rank: int, resumed_at: int = 0) -> int:
+    """Seed of one process's dynamic-sampling prompt stream: distinct for each (seed, rank), so
+    two runs with different seeds, or two ranks of one run, draw different replacement prompts.
+    resumed_at: the rollout a rank without a saved stream resumes at (0 on a fresh start)."""
+    entropy = [seed % 2**64, rank, resumed_at]  # SeedSequence takes non-negative integers
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
 def _select(c: Completions, idx: Tensor) -> Completions:

@@ -194,7 +194,7 @@ def clip_fractions(
     low: rho < 1-eps_low with A < 0; high: rho > 1+eps_high with A > 0; region: either.
     """
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    ratio = torch.exp(log_ratio.detach())
+    ratio = torch.exp(_zero_padding(log_ratio.detach(), mask))
     low = ((ratio < 1.0 - eps_low) & (adv < 0)).float()
     high = ((ratio > 1.0 + eps_high) & (adv > 0)).float()
     n = mask.sum().clamp(min=1)
@@ -273,7 +273,16 @@ def grpo_loss(
     per-token loss = -(surrogate - beta * KL) - entropy_coef * H, then ``aggregate``.
     With mu = 1 and old_logp = logp.detach() the ratio is 1, so the loss value is -mean(A)
     (about 0 after group normalisation) while its gradient is -A grad log pi / |o_i|.
+
+    Log-probs on padding may be anything (-inf from a masked logit): they are set to 0 before
+    any exp, because selecting the output afterwards keeps the value finite but not the
+    gradient (the unselected branch's inf times the zero upstream gradient is NaN).
     """
+    logp, old_logp = _zero_padding(logp, mask), _zero_padding(old_logp, mask)
+    if ref_logp is not None:
+        ref_logp = _zero_padding(ref_logp, mask)
+    if entropy is not None:
+        entropy = _zero_padding(entropy, mask)
     log_ratio = importance_log_ratio(logp, old_logp, mask, ratio_level)
     surrogate = clipped_surrogate(log_ratio, advantages, eps_low, eps_high, dual_clip)
     per_token = -surrogate
@@ -325,5 +334,7 @@ def kl_penalised_rewards(
     r_i' = r_i - beta * sum_t KL_t(o_i): the penalty enters the advantages and carries no
     gradient of its own. rewards: (N,); logp, ref_logp, mask: (N, T). Returns (N,).
     """
-    kl = kl_estimate(logp.detach(), ref_logp.detach(), estimator)
+    kl = kl_estimate(
+        _zero_padding(logp, mask).detach(), _zero_padding(ref_logp, mask).detach(), estimator
+    )
     return rewards - beta * _zero_padding(kl, mask).sum(dim=1)

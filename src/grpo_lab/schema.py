@@ -100,12 +100,14 @@ class TrainSchema:
     rollouts: int
     prompts_per_step: int
     minibatch_size: Optional[int]  # noqa: UP045
+    num_minibatches: Optional[int]  # noqa: UP045
     microbatch_size: Optional[int]  # noqa: UP045
     lr: float
     weight_decay: float
     warmup_steps: int
     scheduler: Scheduler
     max_grad_norm: Optional[float]  # noqa: UP045
+    max_consecutive_skipped_steps: int
     eval_every: int
     eval_size: int
     ref_sync_every: int

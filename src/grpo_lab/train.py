@@ -73,19 +73,23 @@ def algo_config(cfg: DictConfig) -> AlgoConfig:
         entropy_coef=cfg.loss.entropy_coef,
         mask_truncated=cfg.loss.mask_truncated,
         minibatch_size=cfg.train.minibatch_size,
+        num_minibatches=cfg.train.num_minibatches,
         microbatch_size=cfg.train.microbatch_size,
         max_grad_norm=cfg.train.max_grad_norm,
+        max_consecutive_skipped_steps=cfg.train.max_consecutive_skipped_steps,
         ref_sync_every=cfg.train.ref_sync_every,
         ref_sync_mix=cfg.train.ref_sync_mix,
         dynamic_sampling=cfg.train.dynamic_sampling,
         dynamic_sampling_max_tries=cfg.train.dynamic_sampling_max_tries,
+        seed=cfg.seed,
     )
 
 
 def optimizer_steps(cfg: DictConfig) -> int:
     """Optimizer updates per run: rollouts x mu x mini-batches per rollout (what max_steps counts)."""
     n = cfg.train.prompts_per_step * cfg.G
-    return cfg.train.rollouts * cfg.mu * math.ceil(n / (cfg.train.minibatch_size or n))
+    minibatches = cfg.train.num_minibatches or math.ceil(n / (cfg.train.minibatch_size or n))
+    return cfg.train.rollouts * cfg.mu * minibatches
 
 
 def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
