@@ -1,18 +1,19 @@
 """Does the default experiment learn, and more than "just train longer"? Runs `grpo-lab train`
 per seed, then a continued-SFT baseline, and tabulates both.
 
-    python benchmarks/learning.py --seeds 0 1 2 [--out benchmarks/RESULTS.md] [-- overrides...]
+    python benchmarks/learning.py --seeds 0 1 2 [--jobs 3] [--out benchmarks/RESULTS.md] [overrides...]
 
 Each run goes to its own temporary MLflow store and SFT cache. The table gives greedy accuracy on
-held-out prompts at the SFT start and after GRPO, and the wall time of the whole command (SFT
-included). The baseline starts from the same cached warm start and trains on the same (flawed)
-demonstrations, with the same recipe, for as long as the GRPO stage took (its evals included);
-its greedy held-out accuracy stands beside GRPO's.
+held-out prompts at the SFT start and after GRPO, and the wall and CPU time of the whole command
+(SFT included). The baseline starts from the same cached warm start and trains on the same
+(flawed) demonstrations, at the learning rate the SFT ended on, for as much CPU time as the GRPO
+stage took (its evals included); its greedy held-out accuracy stands beside GRPO's.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import random
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -79,10 +81,11 @@ def run_once(seed: int, overrides: list[str], workdir: Path) -> dict[str, float]
     }
 
 
-def continued_sft(seed: int, overrides: list[str], warm_start: str, seconds: float) -> float:
+def continued_sft(seed: int, overrides: list[str], warm_start: str, cpu_seconds: float) -> float:
     """Greedy held-out accuracy after training the warm start on its own demonstrations for
-    ``seconds`` more: the SFT recipe's pool and batch size, at the learning rate its cosine
-    schedule ended on (10% of ``sft.lr``, see ``grpo_lab.sft.fit_demonstrations``)."""
+    ``cpu_seconds`` more of this process's CPU time: the SFT recipe's pool and batch size, at
+    the learning rate its cosine schedule ended on (10% of ``sft.lr``, see
+    ``grpo_lab.sft.fit_demonstrations``)."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"seed={seed}", *overrides])
     if cfg.num_threads:
@@ -96,8 +99,9 @@ def continued_sft(seed: int, overrides: list[str], warm_start: str, seconds: flo
     model = policy.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1 * cfg.sft.lr, weight_decay=0.0)
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    # CPU time, not wall time: other processes on the machine slow both arms alike
+    deadline = time.process_time() + cpu_seconds
+    while time.process_time() < deadline:
         examples = rng.sample(pool, min(cfg.sft.batch_size, len(pool)))
         batch = demonstration_batch(policy, examples, getattr(task, "system_prompt", None))
         loss = model(**batch, use_cache=False).loss
@@ -108,6 +112,22 @@ def continued_sft(seed: int, overrides: list[str], warm_start: str, seconds: flo
     return greedy_accuracy(
         policy, task.eval()[: cfg.train.eval_size], task, instantiate(cfg.sampler)
     )
+
+
+def one_seed(seed: int, overrides: list[str]) -> dict:
+    """GRPO run, then the baseline for as much CPU time as the GRPO stage used: its wall time
+    times the command's CPU share (on an idle machine and one thread, just its wall time)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        r = run_once(seed, overrides, Path(tmp))
+        r["grpo_cpu_s"] = r["grpo_s"] * r["cpu_s"] / r["wall_s"]
+        r["baseline"] = continued_sft(seed, overrides, r["warm_start"], r["grpo_cpu_s"])
+    print(
+        f"seed {seed}: {r['start']:.3f} -> {r['final']:.3f} in {r['wall_s']:.0f} s wall, "
+        f"{r['cpu_s']:.0f} s CPU (GRPO stage {r['grpo_s']:.0f} s); continued SFT for as long: "
+        f"{r['baseline']:.3f}",
+        flush=True,
+    )
+    return r
 
 
 def cpu_model() -> str:
@@ -147,19 +167,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds run at once (each with its own processes)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    rows = []
-    for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            r = run_once(seed, args.overrides, Path(tmp))
-            r["baseline"] = continued_sft(seed, args.overrides, r["warm_start"], r["grpo_s"])
-        rows.append(r)
-        print(
-            f"seed {seed}: {r['start']:.3f} -> {r['final']:.3f} in {r['wall_s']:.0f} s "
-            f"(GRPO stage {r['grpo_s']:.0f} s); continued SFT for as long: {r['baseline']:.3f}",
-            flush=True,
-        )
+    load_before = os.getloadavg()[0]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        rows = list(pool.map(one_seed, args.seeds, [args.overrides] * len(args.seeds)))
+    load_after = os.getloadavg()[0]
     figure = args.out.with_name("learning_curves.png")
     plot_curves(rows, figure)
     gains = [r["final"] - r["start"] for r in rows]
@@ -167,17 +184,20 @@ def main() -> None:
     cmd = (
         "python benchmarks/learning.py --seeds "
         + " ".join(map(str, args.seeds))
+        + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
         + (" " + " ".join(args.overrides) if args.overrides else "")
     )
     lines = [
         "# Benchmark: the default experiment learns",
         "",
         f"Command: `{cmd}` (each run: `grpo-lab train seed=S`, SFT warm start trained from scratch).",
-        f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads.",
+        f"Machine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+        f"load average {load_before:.1f} at the start, {load_after:.1f} at the end.",
         "",
         "Greedy accuracy on the held-out prompts. *Continued SFT*: the same warm start trained on the "
-        "same demonstrations for as long as the GRPO stage took.",
+        "same demonstrations for as long as the GRPO stage took (in CPU time). *CPU time*: user + "
+        "system seconds of the whole `grpo-lab train` command, SFT included; with one thread "
+        "(`num_threads=1`) it is the wall time the command takes when it has a core to itself.",
         "",
         "| seed | SFT start | after GRPO | gain (points) | continued SFT | GRPO over it (points) "
         "| rollouts | GRPO stage (s) | wall time (s) | CPU time (s) |",
