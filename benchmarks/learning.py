@@ -195,7 +195,8 @@ def main() -> None:
         f"load average {load_before:.1f} at the start, {load_after:.1f} at the end.",
         "",
         "Greedy accuracy on the held-out prompts. *Continued SFT*: the same warm start trained on the "
-        "same demonstrations for as long as the GRPO stage took (in CPU time). *CPU time*: user + "
+        "same demonstrations, at the learning rate the SFT ended on, for as long as the GRPO stage "
+        "took (in CPU time). *CPU time*: user + "
         "system seconds of the whole `grpo-lab train` command, SFT included; with one thread "
         "(`num_threads=1`) it is the wall time the command takes when it has a core to itself.",
         "",
@@ -214,6 +215,15 @@ def main() -> None:
         f"Mean gain: {100 * sum(gains) / len(gains):+.1f} points over {len(rows)} seeds "
         f"(min {100 * min(gains):+.1f}); over continued SFT: {100 * sum(over) / len(over):+.1f} "
         f"(min {100 * min(over):+.1f}).",
+        *(
+            [
+                "",
+                f"The load average was above the {os.cpu_count()} cores: other jobs shared the "
+                "machine, so the wall times measure them too; compare the CPU times.",
+            ]
+            if max(load_before, load_after) > (os.cpu_count() or 1)
+            else []
+        ),
         "",
         f"![eval accuracy against rollout]({figure.name})",
         "",
