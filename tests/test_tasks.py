@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
+from decimal import Decimal
 from fractions import Fraction
 
 import pytest
@@ -105,6 +107,21 @@ def test_countdown_prompts_are_reachable_by_their_demonstrations():
     assert not {ex.prompt for ex in task.train()} & {ex.prompt for ex in task.eval()}
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_countdown_eval_problems_are_not_in_train_in_another_order(seed):
+    # "Use 3 7 25 to make 66:" and "Use 25 3 7 to make 66:" pose the same problem. Small
+    # numbers make such reorderings common enough that every seed draws some.
+    task = CountdownTask(num_numbers=3, max_number=6, train_size=400, eval_size=100, seed=seed)
+
+    def problem(ex):
+        numbers, target = ex.prompt.removeprefix("Use ").removesuffix(":").split(" to make ")
+        return tuple(sorted(int(n) for n in numbers.split())), int(target)
+
+    train_problems = {problem(ex) for ex in task.train()}
+    assert not [ex.prompt for ex in task.eval() if problem(ex) in train_problems]
+    assert len({problem(ex) for ex in task.train()}) == len(task.train())
+
+
 def test_countdown_use_all_demonstrations_use_every_number_once():
     task = CountdownTask(num_numbers=3, max_number=9, use_all=True, train_size=60, eval_size=10)
     for ex in task.train():
@@ -177,6 +194,18 @@ def test_compare_has_the_configured_share_of_traps():
         assert (trap_kind(a, b) is not None) == bool(ex.meta["trap"])
     pairs = [frozenset((ex.meta["a"], ex.meta["b"])) for ex in examples]
     assert len(set(pairs)) == len(pairs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_compare_eval_pairs_are_not_in_train_in_any_order_or_notation(seed):
+    # a narrow range (integer parts 0..3) so that redrawn pairs are frequent
+    task = CompareTask(train_size=400, eval_size=100, max_int=3, max_decimals=2, seed=seed)
+
+    def pair(ex):
+        return frozenset(Decimal(n) for n in re.findall(r"\d+(?:\.\d+)?", ex.prompt))
+
+    train_pairs = {pair(ex) for ex in task.train()}
+    assert not [ex.prompt for ex in task.eval() if pair(ex) in train_pairs]
 
 
 def test_compare_reads_the_last_number():

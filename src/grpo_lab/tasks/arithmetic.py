@@ -1,7 +1,8 @@
 """Synthetic integer arithmetic: ``"37+45="`` -> ``"82"``.
 
 Every operand pair is enumerated once and split into train and held-out eval by a seeded
-permutation, so eval prompts are never seen in SFT or GRPO.
+permutation of *unordered* pairs: ``37+45=`` and ``45+37=`` always land on the same side, so
+neither an eval prompt nor its commuted twin is seen in SFT or GRPO.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class ArithmeticTask:
     """Integer arithmetic over operands in [min_operand, max_operand].
 
     ops: operators drawn from ``+ - *``; each (a, op, b) appears once.
-    eval_size: how many examples are held out for eval (taken before train).
+    eval_size: how many examples are held out for eval. The split is by ``split_key``
+      (operator and unordered operand pair), so ``a+b=`` and ``b+a=`` (and ``a-b=``,
+      ``b-a=``, which differ only in sign) are both in train or both in eval.
     flawed_demo_fraction: fraction of training examples whose SFT demonstration of an
       addition drops its carries (``carry_free_sum``). It models imperfect SFT data: the
       warm start learns the mistake and GRPO, whose reward checks the true answer, has to
@@ -89,8 +92,7 @@ class ArithmeticTask:
                 f"(the task has {len(examples)} examples)"
             )
         rng = random.Random(seed)
-        rng.shuffle(examples)
-        self._eval, self._train = examples[:eval_size], examples[eval_size:]
+        self._eval, self._train = _split_by_key(examples, eval_size, rng)
         if flawed_demo_fraction:
             self._train = [
                 _with_flawed_demo(ex) if rng.random() < flawed_demo_fraction else ex
@@ -108,6 +110,49 @@ class ArithmeticTask:
 
     def is_correct(self, completion: str, example: Example) -> bool:
         return self.parse_answer(completion) == example.answer
+
+
+def split_key(prompt: str) -> tuple[str, int, int]:
+    """(op, smaller operand, larger operand): the key that train and eval must not share."""
+    a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)=", prompt).groups()
+    return op, min(int(a), int(b)), max(int(a), int(b))
+
+
+def _split_by_key(
+    examples: list[Example], eval_size: int, rng: random.Random
+) -> tuple[list[Example], list[Example]]:
+    """(eval, train): whole groups of ``split_key`` go to eval, in a seeded order, until it
+    holds exactly ``eval_size`` examples.
+
+    A group has 2 examples (a+b, b+a) or 1 (a+a). A pair that would overshoot goes to
+    train and a later single fills the last place; if every single was already taken, one
+    of them is traded back for a pair, which always exists because train is not empty.
+    """
+    groups: dict[tuple[str, int, int], list[Example]] = {}
+    for ex in examples:
+        groups.setdefault(split_key(ex.prompt), []).append(ex)
+    order = list(groups.values())
+    rng.shuffle(order)
+    held, kept, room = [], [], eval_size
+    for group in order:
+        if len(group) <= room:
+            held.append(group)
+            room -= len(group)
+        else:
+            kept.append(group)
+    if room:  # room == 1: every single is in eval and only pairs are left in train
+        single = next(g for g in reversed(held) if len(g) == 1)
+        pair = next(g for g in kept if len(g) == 2)
+        held.remove(single)
+        kept.remove(pair)
+        held.append(pair)
+        kept.append(single)
+    held_out, train = [ex for g in held for ex in g], [ex for g in kept for ex in g]
+    # twins would otherwise sit side by side, and a prefix of eval (train.eval_size) would
+    # hold fewer distinct pairs than it could
+    rng.shuffle(held_out)
+    rng.shuffle(train)
+    return held_out, train
 
 
 def _with_flawed_demo(ex: Example) -> Example:

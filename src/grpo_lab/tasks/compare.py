@@ -31,6 +31,11 @@ def trap_kind(a: str, b: str) -> str | None:
     return None
 
 
+def split_key(a: str, b: str) -> frozenset[Decimal]:
+    """The pair a prompt compares, in either order and whatever the notation ("9.9", "9.90")."""
+    return frozenset((Decimal(a), Decimal(b)))
+
+
 def _fmt(integer: int, frac: int, digits: int) -> str:
     return f"{integer}.{frac:0{digits}d}" if digits else str(integer)
 
@@ -81,19 +86,20 @@ class CompareTask:
         kinds = ["decimal_length", "lexicographic"] if max_int >= 10 else ["decimal_length"]
         plan = [kinds[i % len(kinds)] for i in range(n_traps)] + [None] * (total - n_traps)
         rng.shuffle(plan)
-        seen: set[frozenset[str]] = set()
+        # each pair once, so no eval pair is in train in the other order or as another draw
+        seen: set[frozenset[Decimal]] = set()
         examples: list[Example] = []
         for kind in plan:
             for _ in range(1000):
                 small, big = self._pair(rng, kind)
-                if frozenset((small, big)) not in seen:
+                if split_key(small, big) not in seen:
                     break
             else:
                 raise ValueError(
                     f"task.train_size + task.eval_size = {total} distinct pairs could not be drawn "
                     f"from max_int={max_int}, max_decimals={max_decimals}; lower the sizes or widen the ranges"
                 )
-            seen.add(frozenset((small, big)))
+            seen.add(split_key(small, big))
             a, b = (small, big) if rng.random() < 0.5 else (big, small)
             examples.append(
                 Example(

@@ -29,12 +29,19 @@ def _combine(
     return f"{wrap(ea)}{op}{wrap(eb)}", value
 
 
+def split_key(numbers: list[int], target: int) -> tuple[tuple[int, ...], int]:
+    """The problem a prompt poses, whatever the order its numbers are listed in."""
+    return tuple(sorted(numbers)), target
+
+
 class CountdownTask:
     """Countdown prompts over ``num_numbers`` numbers drawn from [1, max_number].
 
     ops: operators the generator uses (a completion may use any of ``+ - * /``).
     use_all: true = every given number exactly once; false = each at most once.
-    train_size / eval_size: distinct prompts generated; eval prompts never appear in train.
+    train_size / eval_size: distinct problems generated. A problem is its multiset of numbers
+      and its target (``split_key``): "Use 3 7 25 to make 66:" and "Use 25 3 7 to make 66:"
+      are the same problem, so each appears once and never on both sides of the split.
     max_target: largest target kept (expressions giving more, or less than 1, are redrawn).
     """
 
@@ -67,7 +74,7 @@ class CountdownTask:
             )
         self.use_all = use_all
         rng = random.Random(seed)
-        seen: set[str] = set()
+        seen: set[tuple[tuple[int, ...], int]] = set()
         examples: list[Example] = []
         total = train_size + eval_size
         attempts = 0
@@ -89,10 +96,11 @@ class CountdownTask:
             expr, target = parts[0]
             if not 1 <= target <= max_target:
                 continue
-            prompt = f"Use {' '.join(map(str, numbers))} to make {target}:"
-            if prompt in seen:
+            key = split_key(numbers, target)
+            if key in seen:
                 continue
-            seen.add(prompt)
+            seen.add(key)
+            prompt = f"Use {' '.join(map(str, numbers))} to make {target}:"
             examples.append(
                 Example(
                     prompt=prompt,
