@@ -15,9 +15,9 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_lab import distributed, sweep, tracking
+from grpo_lab import distributed, resume, sweep, tracking
 from grpo_lab.callbacks import RNGStates, RolloutCheckpoint, RolloutProgressBar
-from grpo_lab.config import validate
+from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.instantiate import instantiate
 from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
@@ -34,6 +34,16 @@ def output_dir(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path("outputs/adhoc")
+
+
+def fixed_output_dir(cfg: DictConfig) -> bool:
+    """Whether ``output_dir(cfg)`` is the same for every process started with this command line
+    (``resume=auto`` needs it): ``paths.output_dir``, or Hydra's dir given on the command line."""
+    if cfg.paths.get("output_dir") or not HydraConfig.initialized():
+        return True
+    hc = HydraConfig.get()
+    key = "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in hc.overrides.hydra)
 
 
 def build_rewards(cfg: DictConfig) -> RewardSet:
@@ -139,7 +149,8 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
     return instantiate(OmegaConf.create(spec)), path
 
 
-def make_logger(cfg: DictConfig) -> MLFlowLogger:
+def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
+    """The run's MLFlowLogger: a new MLflow run, or with ``run_id`` (a resume) that run again."""
     lcfg = cfg.logger
     # Under DDP every rank runs this; MLFlowLogger creates a run on rank 0 only (its run_id is
     # None elsewhere), so only rank 0 touches the store and writes mlflow_run.json.
@@ -156,7 +167,10 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
         run_name=run_name,
         tags=tags,
         log_model=False,
+        run_id=run_id,
     )
+    if rank0 and run_id is not None:
+        logger.experiment.update_run(run_id, status="RUNNING")  # it ended KILLED or FINISHED
     # mlflow_run.json beside checkpoints/: eval links a checkpoint to this run, the sweep finds it.
     if rank0:
         sweep.write_run_file(
@@ -178,15 +192,26 @@ def train(cfg: DictConfig) -> float:
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path!r} does not exist; give a .ckpt written by a run"
         )
+    out = output_dir(cfg)
+    ckpt = resume.checkpoint_to_resume(cfg, out, fixed_output_dir(cfg))
+    # A resume continues the checkpoint's MLflow run; a config it cannot log is refused here.
+    run = resume.run_to_continue(ckpt, cfg.logger.tracking_uri) if ckpt else None
+    changed = {}
+    if run is not None:
+        changed = resume.changed_params(run.data.params, tracking.config_params(cfg))
+        refused = resume.refused_changes(run.info.run_id, changed)
+        if refused:
+            raise ConfigError(refused)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
-    out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
-    logger = make_logger(cfg)
+    logger = make_logger(cfg, run.info.run_id if run is not None else None)
     try:
-        tracking.log_config(logger, cfg)
-        objective = _fit(cfg, logger, out, ckpt_path)
+        tracking.log_config(logger, cfg, run.data.params if run is not None else None)
+        if run is not None and distributed.launched_rank() == 0:
+            tracking.note_resume(logger, ckpt, {k: now for k, (_, now) in changed.items()})
+        objective = _fit(cfg, logger, out, str(ckpt) if ckpt else None)
     except BaseException as err:
         if distributed.launched_rank() == 0:
             sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
