@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import signal
+
 import pytest
+import torch
+from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.resume import changed_params, checkpoint_to_resume, refused_changes
-from test_train_cli import compose_default
+from test_faults import start_cli, wait_for  # noqa: F401 (start_cli is a fixture)
+from test_train_cli import LEARNING, _points, compose_default
 
 
 def _cfg(**top):
@@ -103,3 +109,52 @@ def test_a_resume_may_change_how_long_the_run_goes_but_not_what_it_computes():
         )
         is None
     )
+
+
+@pytest.mark.slow
+def test_a_run_killed_midway_resumes_into_the_same_mlflow_run(
+    run_cli, start_cli, tmp_path, tracking_uri
+):
+    """8 rollouts, SIGTERM once rollout 3 is checkpointed, then the same command again
+    (``resume=auto``, same output dir) to the end: every metric at every step equals a clean
+    8-rollout run's (timings excepted), all in one MLflow run that ends FINISHED."""
+    args = ["train", *LEARNING, "train.rollouts=8", "resume=auto"]
+    # resume=auto in a dir with no checkpoint: a fresh start
+    run_cli(*args, f"paths.output_dir={tmp_path / 'clean'}")
+    out = tmp_path / "run"
+    proc = start_cli(*args, f"paths.output_dir={out}")
+    wait_for(proc, lambda: (out / "checkpoints" / "rollout-step=3.ckpt").is_file() or None)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, f"{stdout[-2000:]}\n{stderr[-4000:]}"
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    clean_id = json.loads((tmp_path / "clean" / "mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    stopped_at = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    stopped_at = stopped_at["grpo_rollouts_done"]
+    assert 3 <= stopped_at < 8  # killed midway: the resume has rollouts left to do
+    assert [s for s, _ in _points(client, run_id)["rollout"]] == list(range(1, stopped_at + 1))
+
+    run_cli(*args, f"paths.output_dir={out}")
+    assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == run_id
+    exp = client.get_experiment_by_name("grpo_lab")
+    assert len(client.search_runs([exp.experiment_id])) == 2  # the clean run and this one
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).data.tags["grpo_lab.resumed_from"] == str(
+        out / "checkpoints" / "last.ckpt"
+    )
+
+    resumed, clean = _points(client, run_id), _points(client, clean_id)
+    assert resumed.keys() == clean.keys()
+    assert [s for s, _ in clean["rollout"]] == list(range(1, 9))
+    # the policy moved over the run, so equal metrics below mean equal samples and updates
+    assert len({v for _, v in clean["loss"]}) > 1 and len({v for _, v in clean["reward"]}) > 1
+    for key in clean:
+        # every point once, at the clean run's steps (eval/* repeats the last step: the final eval)
+        assert [s for s, _ in resumed[key]] == [s for s, _ in clean[key]], key
+        if not key.startswith("perf/"):
+            assert [v for _, v in resumed[key]] == pytest.approx([v for _, v in clean[key]]), key
+    tables = {r: {a.path for a in client.list_artifacts(r, "completions")} for r in (run_id, clean_id)}
+    assert tables[run_id] == tables[clean_id] and len(tables[clean_id]) == 8
