@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.resume import changed_params, checkpoint_to_resume, refused_changes
-from test_faults import start_cli, wait_for  # noqa: F401 (start_cli is a fixture)
+from test_faults import start_cli, wait_for  # noqa: F401 (start_cli: a fixture)
 from test_train_cli import LEARNING, _points, compose_default
 
 
@@ -113,7 +113,10 @@ def test_a_resume_may_change_how_long_the_run_goes_but_not_what_it_computes():
 
 @pytest.mark.slow
 def test_a_run_killed_midway_resumes_into_the_same_mlflow_run(
-    run_cli, start_cli, tmp_path, tracking_uri
+    run_cli,
+    start_cli,
+    tmp_path,
+    tracking_uri,  # noqa: F811 (start_cli: the fixture)
 ):
     """8 rollouts, SIGTERM once rollout 3 is checkpointed, then the same command again
     (``resume=auto``, same output dir) to the end: every metric at every step equals a clean
@@ -156,5 +159,7 @@ def test_a_run_killed_midway_resumes_into_the_same_mlflow_run(
         assert [s for s, _ in resumed[key]] == [s for s, _ in clean[key]], key
         if not key.startswith("perf/"):
             assert [v for _, v in resumed[key]] == pytest.approx([v for _, v in clean[key]]), key
-    tables = {r: {a.path for a in client.list_artifacts(r, "completions")} for r in (run_id, clean_id)}
+    tables = {
+        r: {a.path for a in client.list_artifacts(r, "completions")} for r in (run_id, clean_id)
+    }
     assert tables[run_id] == tables[clean_id] and len(tables[clean_id]) == 8

@@ -115,10 +115,9 @@ def run_to_continue(ckpt: Path, tracking_uri: str) -> Any | None:
 
     Raises a ConfigError naming ``logger.tracking_uri`` when that store does not hold the run.
     """
-    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    from grpo_lab import sweep
-    from grpo_lab.tracking import retry_locked
+    from grpo_lab import store, sweep
 
     noted = sweep.read_run_file(ckpt)
     if noted is None:
@@ -126,11 +125,11 @@ def run_to_continue(ckpt: Path, tracking_uri: str) -> Any | None:
             "no %s beside %s: the resumed run logs to a new MLflow run", sweep.RUN_FILE, ckpt
         )
         return None
-    client = MlflowClient(tracking_uri=tracking_uri)
+    store.check_reachable(tracking_uri)  # an unreachable store is named as such
     try:
-        return retry_locked(lambda: client.get_run(noted["run_id"]))
-    except Exception as err:
-        if "locked" in str(err).lower():
+        return store.client(tracking_uri).get_run(noted["run_id"])
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise ConfigError(
             f"invalid config:\n  logger.tracking_uri={tracking_uri} does not hold MLflow run "

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "mlflow_sweep.json"  # in the sweep dir: parent run, experiment, swept keys
 RUN_FILE = "mlflow_run.json"  # in each run's output dir: its MLflow run (eval links to it)
 ERROR_TAG = "grpo_lab.error"
+# Where a job runs: a sweep stopped by a signal passes it on to its jobs on this machine.
+HOST_TAG, PID_TAG = "grpo_lab.host", "grpo_lab.pid"
 
 # Config choices that need a plugin package, and the package's module.
 _PLUGINS = {
@@ -232,6 +235,8 @@ def job_tags() -> tuple[str | None, dict[str, str]]:
         "grpo_lab.job_num": str(hc.job.num),
         "grpo_lab.overrides": json.dumps(overrides),
         "grpo_lab.swept": json.dumps(swept),
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
     }
     return name, tags
 
@@ -253,6 +258,9 @@ def swept_keys(config: DictConfig) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the callback
+
+
+_WATCH: dict[str, Any] = {}  # the sweep's signal handlers and parent-run cleanup while it runs
 
 
 class MLflowSweepCallback(Callback):
@@ -307,6 +315,45 @@ class MLflowSweepCallback(Callback):
         }
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(data, indent=2) + "\n")
         log.info("MLflow sweep run %s (experiment %s): %s", run.info.run_id, name, label)
+        self._watch_signals(client, exp_id, run.info.run_id)
+
+    def _watch_signals(self, client: Any, experiment_id: str, parent_run_id: str) -> None:
+        """SIGINT or SIGTERM ends the sweep with its parent run KILLED, not RUNNING forever.
+
+        The jobs' runs stop first: in this process (basic launcher) through train's own handler,
+        in worker processes (joblib) through the signal passed on to them.
+        """
+        from grpo_lab import faults
+
+        def kill_parent(signum: int) -> None:
+            _retry(lambda: client.set_tag(parent_run_id, ERROR_TAG, f"stopped by signal {signum}"))
+            _retry(lambda: client.set_terminated(parent_run_id, "KILLED"))
+
+        def running_jobs() -> list:
+            return _retry(
+                lambda: client.search_runs(
+                    [experiment_id],
+                    filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                    "and attributes.status = 'RUNNING'",
+                )
+            )
+
+        def on_signal(signum: int, frame: Any) -> None:
+            here = socket.gethostname()
+            pids = [
+                int(r.data.tags[PID_TAG])
+                for r in running_jobs()
+                if r.data.tags.get(HOST_TAG) == here and r.data.tags.get(PID_TAG, "").isdigit()
+            ]
+            pids = [pid for pid in pids if pid != os.getpid()]  # a job in this process handles it
+            faults.stop_processes(signum, pids, still_running=lambda: bool(running_jobs()))
+            faults.exit_interrupted(signum, f"sweep parent MLflow run {parent_run_id} KILLED")
+
+        faults.add_cleanup(kill_parent)
+        handlers = faults.signal_handlers(on_signal)
+        handlers.__enter__()
+        # Module state, not attributes: the joblib launcher pickles this callback for its workers.
+        _WATCH.update(handlers=handlers, cleanup=kill_parent)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
@@ -368,6 +415,11 @@ class MLflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from grpo_lab.tracking import runs_url, ui_command
 
+        if _WATCH:
+            from grpo_lab import faults
+
+            _WATCH.pop("handlers").__exit__(None, None, None)
+            faults.remove_cleanup(_WATCH.pop("cleanup"))
         sweep = read_sweep_file(config.hydra.sweep.dir)
         if sweep is None:
             return

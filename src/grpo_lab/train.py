@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_lab import distributed, resume, sweep, tracking
+from grpo_lab import distributed, faults, resume, store, sweep, tracking
 from grpo_lab.callbacks import RNGStates, RolloutCheckpoint, RolloutProgressBar
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
@@ -156,12 +156,14 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
     # None elsewhere), so only rank 0 touches the store and writes mlflow_run.json.
     rank0 = distributed.launched_rank() == 0
     if rank0:
-        tracking.ensure_experiment(lcfg.tracking_uri, lcfg.experiment_name)
+        # Before any compute: a store that cannot be reached is a clear error naming the key.
+        store.open_experiment(lcfg.tracking_uri, lcfg.experiment_name)
     tags = {k: str(v) for k, v in (lcfg.get("tags") or {}).items()}
     sweep_name, sweep_tags = sweep.job_tags()  # parent run, sweep id, job number in a -m sweep
     tags.update(sweep_tags)
     run_name = lcfg.get("run_name") or sweep_name or tracking.run_name_from_overrides(cfg)
-    logger = MLFlowLogger(
+    # Retries on a locked store (parallel jobs share one); train() alone ends the run.
+    logger = store.RunLogger(
         experiment_name=lcfg.experiment_name,
         tracking_uri=lcfg.tracking_uri,
         run_name=run_name,
@@ -204,14 +206,21 @@ def train(cfg: DictConfig) -> float:
             raise ConfigError(refused)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
-    out.mkdir(parents=True, exist_ok=True)
+    faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
 
     logger = make_logger(cfg, run.info.run_id if run is not None else None)
     try:
-        tracking.log_config(logger, cfg, run.data.params if run is not None else None)
-        if run is not None and distributed.launched_rank() == 0:
-            tracking.note_resume(logger, ckpt, {k: now for k, (_, now) in changed.items()})
-        objective = _fit(cfg, logger, out, str(ckpt) if ckpt else None)
+        # Until the training loop takes over (StopOnSignal), a signal stops the run at once.
+        with faults.signal_handlers(faults.raise_interrupted):
+            tracking.log_config(logger, cfg, run.data.params if run is not None else None)
+            if run is not None and distributed.launched_rank() == 0:
+                tracking.note_resume(logger, ckpt, {k: now for k, (_, now) in changed.items()})
+            objective = _fit(cfg, logger, out, str(ckpt) if ckpt else None)
+    except faults.Interrupted as stop:
+        logger.finalize("KILLED")
+        faults.exit_interrupted(
+            stop.signum, f"MLflow run {logger.run_id} ended as KILLED. {stop.detail}".strip()
+        )
     except BaseException as err:
         if distributed.launched_rank() == 0:
             sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
@@ -249,6 +258,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     datamodule = TaskDataModule(
         task, cfg.train.prompts_per_step, cfg.train.eval_size, cfg.train.eval_batch_size, cfg.seed
     )
+    stop = faults.StopOnSignal()
     checkpoint = RolloutCheckpoint(
         dirpath=out / "checkpoints",
         filename="rollout-{step}",
@@ -262,6 +272,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         RNGStates(),
         tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged),
         distributed.RankSeed(cfg.seed),  # after RNGStates: both act at the first batch
+        stop,
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         per_rollout = optimizer_steps(cfg) // cfg.train.rollouts
@@ -273,6 +284,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         check_val_every_n_epoch=None,
         logger=logger,
         callbacks=callbacks,
+        plugins=[faults.AtomicCheckpointIO()],
         default_root_dir=str(out),
         # The prompt sampler (data.PromptBatches) splits the prompts between ranks itself.
         use_distributed_sampler=False,
@@ -286,6 +298,12 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         logger.log_metrics({"eval/accuracy_start": start["eval/accuracy"]}, step=0)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if stop.signum is not None:
+        path = out / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        raise faults.Interrupted(
+            stop.signum, f"Checkpoint of step {trainer.global_step}; resume with ckpt_path={path}"
+        )
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     # Stepped by rollout, as every other metric (global_step counts optimizer updates).
     logger.log_metrics(
