@@ -7,11 +7,15 @@ import signal
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from grpo_lab.config import ConfigError, validate
+from grpo_lab.paths import config_dir
 from grpo_lab.resume import changed_params, checkpoint_to_resume, refused_changes
+from grpo_lab.train import fixed_output_dir
 from test_faults import start_cli, wait_for  # noqa: F401 (start_cli: a fixture)
 from test_train_cli import LEARNING, _points, compose_default
 
@@ -51,6 +55,21 @@ def test_resume_auto_and_ckpt_path_together_are_refused(tmp_path):
     cfg = _cfg(resume="auto", ckpt_path="a.ckpt")
     with pytest.raises(ConfigError, match=r"resume=auto with ckpt_path=a.ckpt: give one of them"):
         checkpoint_to_resume(cfg, tmp_path, fixed_output_dir=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fixed"),
+    [([], False), (["hydra.run.dir=runs/a"], True), (["paths.output_dir=runs/a"], True)],
+)
+def test_the_output_dir_is_fixed_only_when_given_on_the_command_line(overrides, fixed):
+    """The default run dir has the time and a per-process token in it: never the same twice."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert fixed_output_dir(cfg) is fixed
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 @pytest.mark.parametrize(
@@ -114,9 +133,9 @@ def test_a_resume_may_change_how_long_the_run_goes_but_not_what_it_computes():
 @pytest.mark.slow
 def test_a_run_killed_midway_resumes_into_the_same_mlflow_run(
     run_cli,
-    start_cli,
+    start_cli,  # noqa: F811 (the fixture imported from test_faults)
     tmp_path,
-    tracking_uri,  # noqa: F811 (start_cli: the fixture)
+    tracking_uri,
 ):
     """8 rollouts, SIGTERM once rollout 3 is checkpointed, then the same command again
     (``resume=auto``, same output dir) to the end: every metric at every step equals a clean
