@@ -14,7 +14,13 @@ from omegaconf import OmegaConf
 
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.paths import config_dir
-from grpo_lab.resume import changed_params, checkpoint_to_resume, refused_changes
+from grpo_lab.resume import (
+    changed_params,
+    checkpoint_to_resume,
+    refused_changes,
+    run_to_continue,
+)
+from grpo_lab.sweep import write_run_file
 from grpo_lab.train import fixed_output_dir
 from test_faults import start_cli, wait_for  # noqa: F401 (start_cli: a fixture)
 from test_train_cli import LEARNING, _points, compose_default
@@ -128,6 +134,32 @@ def test_a_resume_may_change_how_long_the_run_goes_but_not_what_it_computes():
         )
         is None
     )
+
+
+def test_the_run_to_continue_is_the_one_noted_beside_the_checkpoints(tmp_path, tracking_uri):
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.create_run(client.create_experiment("e"))
+    run_id = run.info.run_id
+    client.log_param(run_id, "G", "8")
+    client.log_param(run_id, "train.rollouts", "4")
+    ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    # no mlflow_run.json: a new run; and no checkpoint: a fresh start
+    assert run_to_continue(ckpt, tracking_uri, {"G": "8"}) == (None, {})
+    assert run_to_continue(None, tracking_uri, {"G": "8"}) == (None, {})
+
+    write_run_file(tmp_path / "out", run_id, run.info.experiment_id, tracking_uri)
+    found, changed = run_to_continue(ckpt, tracking_uri, {"G": "8", "train.rollouts": "8"})
+    assert found.info.run_id == run_id and changed == {"train.rollouts": ("4", "8")}
+    with pytest.raises(ConfigError, match=rf"G=16 is invalid on resume: .* \({run_id}\) has G=8"):
+        run_to_continue(ckpt, tracking_uri, {"G": "16", "train.rollouts": "4"})
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(
+        ConfigError, match=rf"logger.tracking_uri={other} does not hold MLflow run {run_id}"
+    ):
+        run_to_continue(ckpt, other, {"G": "8"})
 
 
 @pytest.mark.slow

@@ -109,25 +109,31 @@ def refused_changes(run_id: str, changed: Mapping[str, Any]) -> str | None:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def run_to_continue(ckpt: Path, tracking_uri: str) -> Any | None:
-    """The MLflow run (``mlflow.entities.Run``) the checkpoint's run logged to, from the
-    ``mlflow_run.json`` of its output dir; None when there is no such file (a new run is made).
+def run_to_continue(
+    ckpt: Path | None, tracking_uri: str, params: Mapping[str, str]
+) -> tuple[Any | None, dict[str, Any]]:
+    """The MLflow run (``mlflow.entities.Run``) a resume from ``ckpt`` logs into, and the params
+    it changes (key -> (value in the run, value now)).
 
-    Raises a ConfigError naming ``logger.tracking_uri`` when that store does not hold the run.
+    The run is the one ``mlflow_run.json`` names in the checkpoint's output dir; (None, {}) for
+    a fresh start, or a checkpoint with no such file (a new run is made). params: this run's, as
+    ``tracking.config_params`` gives them. Raises a ConfigError naming the key when the store
+    does not hold the run, or when a param changes that a resume may not change.
     """
     from mlflow.exceptions import MlflowException
 
     from grpo_lab import store, sweep
 
-    noted = sweep.read_run_file(ckpt)
+    noted = sweep.read_run_file(ckpt) if ckpt is not None else None
     if noted is None:
-        log.warning(
-            "no %s beside %s: the resumed run logs to a new MLflow run", sweep.RUN_FILE, ckpt
-        )
-        return None
+        if ckpt is not None:
+            log.warning(
+                "no %s above %s: the resumed run logs to a new MLflow run", sweep.RUN_FILE, ckpt
+            )
+        return None, {}
     store.check_reachable(tracking_uri)  # an unreachable store is named as such
     try:
-        return store.client(tracking_uri).get_run(noted["run_id"])
+        run = store.client(tracking_uri).get_run(noted["run_id"])
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
@@ -136,3 +142,8 @@ def run_to_continue(ckpt: Path, tracking_uri: str) -> Any | None:
             f"{noted['run_id']}, which {ckpt} continues ({sweep.RUN_FILE} says it is in "
             f"{noted.get('tracking_uri')}); expected the store that run logged to"
         ) from err
+    changed = changed_params(run.data.params, params)
+    refused = refused_changes(run.info.run_id, changed)
+    if refused:
+        raise ConfigError(refused)
+    return run, changed

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpo_lab import distributed, faults, resume, store, sweep, tracking
 from grpo_lab.callbacks import RNGStates, RolloutCheckpoint, RolloutProgressBar
-from grpo_lab.config import ConfigError, validate
+from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.instantiate import instantiate
 from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
@@ -196,14 +196,9 @@ def train(cfg: DictConfig) -> float:
         )
     out = output_dir(cfg)
     ckpt = resume.checkpoint_to_resume(cfg, out, fixed_output_dir(cfg))
-    # A resume continues the checkpoint's MLflow run; a config it cannot log is refused here.
-    run = resume.run_to_continue(ckpt, cfg.logger.tracking_uri) if ckpt else None
-    changed = {}
-    if run is not None:
-        changed = resume.changed_params(run.data.params, tracking.config_params(cfg))
-        refused = resume.refused_changes(run.info.run_id, changed)
-        if refused:
-            raise ConfigError(refused)
+    # A resume logs into the checkpoint's MLflow run: a config that run cannot take fails here.
+    params = tracking.config_params(cfg)
+    run, changed = resume.run_to_continue(ckpt, cfg.logger.tracking_uri, params)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
     faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
