@@ -181,6 +181,7 @@ def test_a_run_killed_midway_resumes_into_the_same_mlflow_run(
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, f"{stdout[-2000:]}\n{stderr[-4000:]}"
+    assert "run the same command again to resume (resume=auto)" in stderr
 
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]

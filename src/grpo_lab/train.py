@@ -296,9 +296,12 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     if stop.signum is not None:
         path = out / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path)
-        raise faults.Interrupted(
-            stop.signum, f"Checkpoint of step {trainer.global_step}; resume with ckpt_path={path}"
+        again = (
+            "run the same command again to resume (resume=auto)"
+            if cfg.get("resume") == "auto"
+            else f"resume with ckpt_path={path}"
         )
+        raise faults.Interrupted(stop.signum, f"Checkpoint of step {trainer.global_step}; {again}")
     final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     # Stepped by rollout, as every other metric (global_step counts optimizer updates).
     logger.log_metrics(
