@@ -389,10 +389,20 @@ def _prompts_by_rollout(client: MlflowClient, run_id: str, tmp: Path) -> dict[in
     return out
 
 
+def _points(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """metric -> [(step, value), ...] in step order, every point MLflow holds (repeats kept)."""
+    keys = client.get_run(run_id).data.metrics
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in keys
+    }
+
+
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_run(run_cli, tmp_path, tracking_uri):
     """2 rollouts, then resumed for 2 more == 4 rollouts in one go: the same prompts in the same
-    order, the same samples (RNG states restored), the same weights and per-rollout metrics."""
+    order, the same samples (RNG states restored), the same weights and per-rollout metrics.
+    The resumed run logs into the first one's MLflow run."""
     run_cli("train", *LEARNING, "train.rollouts=4", "hydra.run.dir=outputs/whole")
     run_cli("train", *LEARNING, "train.rollouts=2", "hydra.run.dir=outputs/first")
     first_last = tmp_path / "outputs/first/checkpoints/last.ckpt"
@@ -408,6 +418,18 @@ def test_resumed_run_equals_an_uninterrupted_run(run_cli, tmp_path, tracking_uri
         name: json.loads((tmp_path / "outputs" / name / "mlflow_run.json").read_text())["run_id"]
         for name in ("whole", "first", "resumed")
     }
+    # one MLflow run for the first start and its resume, FINISHED again at the end
+    assert run_ids["resumed"] == run_ids["first"] != run_ids["whole"]
+    exp = client.get_experiment_by_name("grpo_lab")
+    assert len(client.search_runs([exp.experiment_id])) == 2
+    continued = client.get_run(run_ids["first"])
+    assert continued.info.status == "FINISHED"
+    # params keep the first start's values (MLflow cannot change them); tags say what changed
+    assert continued.data.params["train.rollouts"] == "2"
+    assert continued.data.tags["grpo_lab.resumed_from"] == str(first_last)
+    changes = json.loads(continued.data.tags["grpo_lab.resume_changes"])
+    assert changes == {"train.rollouts": "4", "ckpt_path": str(first_last)}
+
     whole = torch.load(tmp_path / "outputs/whole/checkpoints/last.ckpt", weights_only=False)
     resumed = torch.load(tmp_path / "outputs/resumed/checkpoints/last.ckpt", weights_only=False)
     assert resumed["global_step"] == whole["global_step"] == 4
@@ -425,31 +447,52 @@ def test_resumed_run_equals_an_uninterrupted_run(run_cli, tmp_path, tracking_uri
 
     # the prompts: 4 different batches, and the resumed run continues the order (3, 4), not
     # restarting it (1, 2)
-    prompts = {n: _prompts_by_rollout(client, run_ids[n], tmp_path / n) for n in run_ids}
-    assert sorted(prompts["whole"]) == [1, 2, 3, 4] and sorted(prompts["resumed"]) == [3, 4]
+    prompts = {n: _prompts_by_rollout(client, run_ids[n], tmp_path / n) for n in ("whole", "first")}
+    assert sorted(prompts["whole"]) == [1, 2, 3, 4]
     assert len({tuple(p) for p in prompts["whole"].values()}) == 4
-    assert prompts["first"] == {n: prompts["whole"][n] for n in (1, 2)}
-    assert prompts["resumed"] == {n: prompts["whole"][n] for n in (3, 4)}
+    assert prompts["first"] == prompts["whole"]
 
-    # every per-rollout training metric, at the same rollout steps (timings excepted)
-    history = {n: _history(client, run_ids[n]) for n in run_ids}
-    per_rollout = [k for k in history["whole"] if k in STEP_METRICS and not k.startswith("perf/")]
+    # every per-rollout training metric, once at each rollout step (timings excepted)
+    points = {n: _points(client, run_ids[n]) for n in ("whole", "first")}
+    per_rollout = [k for k in points["whole"] if k in STEP_METRICS and not k.startswith("perf/")]
     assert len(per_rollout) == len(STEP_METRICS) - 2
     for key in per_rollout:
-        w = history["whole"][key]
-        assert sorted(w) == [1, 2, 3, 4], (key, w)
-        assert history["first"][key] == pytest.approx({s: w[s] for s in (1, 2)}), key
-        assert history["resumed"][key] == pytest.approx({s: w[s] for s in (3, 4)}), key
-    # the rollout counter goes on from the checkpoint; its step is the rollout
-    assert history["resumed"]["rollout"] == {3: 3.0, 4: 4.0}
-    # the evals after rollouts 3 and 4 see the same policy
-    for step in (3, 4):
-        assert history["resumed"]["eval/mean_length"][step] == pytest.approx(
-            history["whole"]["eval/mean_length"][step]
-        )
-    assert history["resumed"]["eval/mean_length_final"] == pytest.approx(
-        history["whole"]["eval/mean_length_final"]
+        w, c = points["whole"][key], points["first"][key]
+        assert [s for s, _ in w] == [1, 2, 3, 4], (key, w)
+        assert [s for s, _ in c] == [1, 2, 3, 4], (key, c)
+        assert [v for _, v in c] == pytest.approx([v for _, v in w]), key
+    # the evals (step 0: the start; each start's final eval repeats its last rollout's step)
+    for key in ("eval/mean_length", "eval/accuracy"):
+        assert dict(points["first"][key]) == pytest.approx(dict(points["whole"][key])), key
+    assert points["first"]["rollout"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    # the start eval is not logged again; each start logged its final eval at its last rollout
+    assert points["first"]["eval/accuracy_start"] == points["whole"]["eval/accuracy_start"]
+    final = points["first"]["eval/mean_length_final"]
+    assert [s for s, _ in final] == [2, 4]
+    assert final[1][1] == pytest.approx(points["whole"]["eval/mean_length_final"][0][1])
+
+    # a resume that changes what the run computes is refused before any compute, naming the key
+    before = client.get_run(run_ids["first"])
+    proc = run_cli(
+        "train",
+        *LEARNING,
+        "train.rollouts=6",
+        "train.lr=3e-4",
+        "hydra.run.dir=outputs/refused",
+        f"ckpt_path={tmp_path / 'outputs/resumed/checkpoints/last.ckpt'}",
+        check=False,
     )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("invalid config:\n"), proc.stderr[-3000:]
+    assert (
+        f"train.lr=0.0003 is invalid on resume: the MLflow run this checkpoint continues "
+        f"({run_ids['first']}) has train.lr=0.0001" in proc.stderr
+    )
+    assert "train.rollouts" not in proc.stderr.splitlines()[1]  # a change a resume may make
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs/refused/checkpoints").exists()
+    after = client.get_run(run_ids["first"])
+    assert (after.info.status, after.data.params) == ("FINISHED", before.data.params)
 
     proc = run_cli("train", *FAST, "ckpt_path=does/not/exist.ckpt", check=False)
     assert proc.returncode != 0 and "ckpt_path='does/not/exist.ckpt' does not exist" in proc.stderr

@@ -149,6 +149,7 @@ RULES: dict[str, Rule | Bound] = {
     "mu": _int(ge=1),
     "seed": _SEED,
     "num_threads": _int(ge=1, nullable=True, why="null = torch's default"),
+    "resume": _rule(lambda v: v is None or v == "auto", "null or auto (grpo_lab/resume.py)"),
     "loss.epsilon_low": _num(gt=0, lt=1),
     "loss.epsilon_high": _num(gt=0, infinite=True, why="inf = no upper clip"),
     "loss.aggregation": _choice(*schema.Aggregation),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,14 +68,48 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_config(logger: MLFlowLogger, cfg: DictConfig) -> None:
-    """The resolved config as flattened params and as ``config.yaml`` (params may be cut)."""
+def config_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as the params MLFlowLogger logs: flattened, values as cut strings."""
+    from lightning.fabric.utilities.logger import _flatten_dict
+
     container = OmegaConf.to_container(cfg, resolve=True)
-    retry_locked(lambda: logger.log_hyperparams(flatten(container)))
+    # MLFlowLogger.log_hyperparams: _flatten_dict, then str(value)[:250]
+    return {k: str(v)[:PARAM_LENGTH] for k, v in _flatten_dict(flatten(container)).items()}
+
+
+PARAM_LENGTH = 250
+
+
+def log_config(
+    logger: MLFlowLogger, cfg: DictConfig, run_params: Mapping[str, str] | None = None
+) -> None:
+    """The resolved config as flattened params and as ``config.yaml`` (params may be cut).
+
+    run_params: the params a resumed run's MLflow run already has. Only the keys it lacks are
+    logged (MLflow refuses to change a param; ``resume.refused_changes`` has vetted the rest),
+    and ``config.yaml`` stays the first start's.
+    """
+    params = config_params(cfg)
+    if run_params is not None:
+        params = {k: v for k, v in params.items() if k not in run_params}
+    if params:
+        retry_locked(lambda: logger.log_hyperparams(params))
+    if run_params is not None:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         retry_locked(lambda: logger.experiment.log_artifact(logger.run_id, str(path)))
+
+
+def note_resume(logger: MLFlowLogger, ckpt: Path, changes: Mapping[str, Any]) -> None:
+    """Tag a resumed run with its checkpoint and the keys this start changed (its params keep
+    the first start's values): ``grpo_lab.resumed_from``, ``grpo_lab.resume_changes``."""
+    tags = {"grpo_lab.resumed_from": str(ckpt), "grpo_lab.resume_changes": json.dumps(changes)}
+    for key, value in tags.items():
+        retry_locked(
+            lambda key=key, value=value: logger.experiment.set_tag(logger.run_id, key, value)
+        )
 
 
 def runs_url(
@@ -139,7 +174,7 @@ def run_name_from_overrides(cfg: DictConfig | None = None) -> str:
     overrides = [
         o
         for o in HydraConfig.get().overrides.task
-        if not o.startswith(("hydra.", "logger.", "ckpt_path"))
+        if not o.startswith(("hydra.", "logger.", "ckpt_path", "resume"))
     ]
     parts = []
     for o in overrides:

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_lab import distributed, faults, store, sweep, tracking
+from grpo_lab import distributed, faults, resume, store, sweep, tracking
 from grpo_lab.callbacks import RNGStates, RolloutCheckpoint, RolloutProgressBar
 from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
@@ -34,6 +34,16 @@ def output_dir(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path("outputs/adhoc")
+
+
+def fixed_output_dir(cfg: DictConfig) -> bool:
+    """Whether ``output_dir(cfg)`` is the same for every process started with this command line
+    (``resume=auto`` needs it): ``paths.output_dir``, or Hydra's dir given on the command line."""
+    if cfg.paths.get("output_dir") or not HydraConfig.initialized():
+        return True
+    hc = HydraConfig.get()
+    key = "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in hc.overrides.hydra)
 
 
 def build_rewards(cfg: DictConfig) -> RewardSet:
@@ -140,7 +150,8 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
     return instantiate(OmegaConf.create(spec)), path
 
 
-def make_logger(cfg: DictConfig) -> MLFlowLogger:
+def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
+    """The run's MLFlowLogger: a new MLflow run, or with ``run_id`` (a resume) that run again."""
     lcfg = cfg.logger
     # Under DDP every rank runs this; MLFlowLogger creates a run on rank 0 only (its run_id is
     # None elsewhere), so only rank 0 touches the store and writes mlflow_run.json.
@@ -159,7 +170,10 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
         run_name=run_name,
         tags=tags,
         log_model=False,
+        run_id=run_id,
     )
+    if rank0 and run_id is not None:
+        logger.experiment.update_run(run_id, status="RUNNING")  # it ended KILLED or FINISHED
     # mlflow_run.json beside checkpoints/: eval links a checkpoint to this run, the sweep finds it.
     if rank0:
         sweep.write_run_file(
@@ -181,17 +195,23 @@ def train(cfg: DictConfig) -> float:
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path!r} does not exist; give a .ckpt written by a run"
         )
+    out = output_dir(cfg)
+    ckpt = resume.checkpoint_to_resume(cfg, out, fixed_output_dir(cfg))
+    # A resume logs into the checkpoint's MLflow run: a config that run cannot take fails here.
+    params = tracking.config_params(cfg)
+    run, changed = resume.run_to_continue(ckpt, cfg.logger.tracking_uri, params)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
-    out = output_dir(cfg)
     faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
 
-    logger = make_logger(cfg)
+    logger = make_logger(cfg, run.info.run_id if run is not None else None)
     try:
         # Until the training loop takes over (StopOnSignal), a signal stops the run at once.
         with faults.signal_handlers(faults.raise_interrupted):
-            tracking.log_config(logger, cfg)
-            objective = _fit(cfg, logger, out, ckpt_path)
+            tracking.log_config(logger, cfg, run.data.params if run is not None else None)
+            if run is not None and distributed.launched_rank() == 0:
+                tracking.note_resume(logger, ckpt, {k: now for k, (_, now) in changed.items()})
+            objective = _fit(cfg, logger, out, str(ckpt) if ckpt else None)
     except faults.Interrupted as stop:
         logger.finalize("KILLED")
         faults.exit_interrupted(
@@ -278,9 +298,12 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     if stop.signum is not None:
         path = out / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path)
-        raise faults.Interrupted(
-            stop.signum, f"Checkpoint of step {trainer.global_step}; resume with ckpt_path={path}"
+        again = (
+            "run the same command again to resume (resume=auto)"
+            if cfg.get("resume") == "auto"
+            else f"resume with ckpt_path={path}"
         )
+        raise faults.Interrupted(stop.signum, f"Checkpoint of step {trainer.global_step}; {again}")
     if module.last_eval is not None and module.last_eval[0] == module.rollouts_done:
         final = dict(module.last_eval[1])  # the last rollout was just evaluated
     else:

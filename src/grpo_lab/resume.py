@@ -1,0 +1,149 @@
+"""Resume: the checkpoint a run continues from, and the MLflow run it continues.
+
+- ``ckpt_path=PATH`` resumes from PATH. ``resume=auto`` resumes from
+  ``<output dir>/checkpoints/last.ckpt`` when that file exists and starts fresh otherwise, so one
+  command line serves for the first start and every restart. The default run dir is new for
+  every process (``outputs/<date>/<time>-<id>``), so ``auto`` needs the output dir fixed on the
+  command line: ``paths.output_dir=DIR`` or ``hydra.run.dir=DIR`` (``hydra.sweep.dir`` in a sweep).
+- The MLflow run continued is the one ``mlflow_run.json`` names beside the checkpoint's
+  ``checkpoints/`` folder (``sweep.write_run_file``). Metrics are stepped by rollout, so what the
+  resumed run logs lands after what the run logged before.
+- MLflow refuses to change a param once logged. A resume may change only the keys of
+  ``RESUMABLE`` (how long the run goes, where it writes and logs, threads, progress bar); any
+  other key whose value differs from the run's param is refused before any compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from grpo_lab.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LAST = Path("checkpoints") / "last.ckpt"
+
+# Keys a resume may change: none of them changes what the continued rollouts compute (the
+# optimizer, scheduler and loop state come from the checkpoint). A key ending in "." covers
+# every key under it. With train.scheduler=cosine or linear, train.rollouts also sets the
+# schedule's length.
+RESUMABLE = (
+    "train.rollouts",
+    "trainer.max_steps",
+    "train.checkpoint_every",
+    "ckpt_path",
+    "resume",
+    "paths.",
+    "sft.cache_dir",
+    "logger.",
+    "num_threads",
+    "trainer.enable_progress_bar",
+)
+
+
+def resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
+
+
+def checkpoint_to_resume(cfg: DictConfig, out: Path, fixed_output_dir: bool) -> Path | None:
+    """The checkpoint this run starts from: ``ckpt_path``, or with ``resume=auto`` ``out``'s
+    last.ckpt if there is one; None for a fresh start.
+
+    fixed_output_dir: the output dir was given on the command line (``resume=auto`` needs it).
+    """
+    ckpt_path, mode = cfg.get("ckpt_path"), cfg.get("resume")
+    if mode is None:
+        return Path(ckpt_path) if ckpt_path else None
+    if ckpt_path:
+        raise ConfigError(
+            f"invalid config:\n  resume={mode} with ckpt_path={ckpt_path}: give one of them "
+            "(resume=auto finds the checkpoint itself; ckpt_path names one)"
+        )
+    if not fixed_output_dir:
+        raise ConfigError(
+            f"invalid config:\n  resume={mode} needs a fixed output directory: set "
+            "paths.output_dir=DIR (or hydra.run.dir=DIR); the default run dir is new for every "
+            "process, so it never holds a checkpoint to resume"
+        )
+    last = out / LAST
+    if last.is_file():
+        log.info("resume=auto: resuming from %s", last)
+        return last
+    log.info("resume=auto: no %s yet, starting fresh", last)
+    return None
+
+
+def changed_params(run_params: Mapping[str, str], params: Mapping[str, str]) -> dict[str, Any]:
+    """key -> (value in the run, value now) for each param of the run that differs now.
+
+    A key the run lacks (added to the config since the run started) is no change: it is logged
+    on resume. A key the run has and the config lacks now has None as its value now.
+    """
+    return {
+        key: (logged, params.get(key))
+        for key, logged in run_params.items()
+        if params.get(key) != logged
+    }
+
+
+def refused_changes(run_id: str, changed: Mapping[str, Any]) -> str | None:
+    """The ConfigError message for the changed keys a resume may not change, or None."""
+    refused = {k: v for k, v in changed.items() if not resumable(k)}
+    if not refused:
+        return None
+    lines = [
+        f"{key}={'(no such key)' if now is None else now} is invalid on resume: the MLflow run "
+        f"this checkpoint continues ({run_id}) has {key}={logged}"
+        for key, (logged, now) in sorted(refused.items())
+    ]
+    may = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE)
+    lines.append(
+        "a resumed run logs into the same MLflow run, whose params cannot change; a resume may "
+        f"change only {may}. To change the others, start a new run (no ckpt_path, no resume)"
+    )
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def run_to_continue(
+    ckpt: Path | None, tracking_uri: str, params: Mapping[str, str]
+) -> tuple[Any | None, dict[str, Any]]:
+    """The MLflow run (``mlflow.entities.Run``) a resume from ``ckpt`` logs into, and the params
+    it changes (key -> (value in the run, value now)).
+
+    The run is the one ``mlflow_run.json`` names in the checkpoint's output dir; (None, {}) for
+    a fresh start, or a checkpoint with no such file (a new run is made). params: this run's, as
+    ``tracking.config_params`` gives them. Raises a ConfigError naming the key when the store
+    does not hold the run, or when a param changes that a resume may not change.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from grpo_lab import store, sweep
+
+    noted = sweep.read_run_file(ckpt) if ckpt is not None else None
+    if noted is None:
+        if ckpt is not None:
+            log.warning(
+                "no %s above %s: the resumed run logs to a new MLflow run", sweep.RUN_FILE, ckpt
+            )
+        return None, {}
+    store.check_reachable(tracking_uri)  # an unreachable store is named as such
+    try:
+        run = store.client(tracking_uri).get_run(noted["run_id"])
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ConfigError(
+            f"invalid config:\n  logger.tracking_uri={tracking_uri} does not hold MLflow run "
+            f"{noted['run_id']}, which {ckpt} continues ({sweep.RUN_FILE} says it is in "
+            f"{noted.get('tracking_uri')}); expected the store that run logged to"
+        ) from err
+    changed = changed_params(run.data.params, params)
+    refused = refused_changes(run.info.run_id, changed)
+    if refused:
+        raise ConfigError(refused)
+    return run, changed
