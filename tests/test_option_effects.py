@@ -341,11 +341,11 @@ ADAM_EPS = 1e-8  # torch's AdamW default
 @pytest.mark.parametrize(
     ("overrides", "lr", "weight_decay"),
     [
-        ([], 1e-4, 0.0),  # the default lr, no warmup (BASE)
+        ([], 3e-4, 0.0),  # the default lr, no warmup (BASE)
         (["train.lr=3e-3"], 3e-3, 0.0),
         (["train.lr=3e-3", "train.weight_decay=0.5"], 3e-3, 0.5),
         (["train.lr=3e-3", "train.warmup_steps=4"], 3e-3 / 4, 0.0),  # step 1 of 4: lr/4
-        (["train.warmup_steps=10"], 1e-4 / 10, 0.0),  # the default warmup
+        (["train.warmup_steps=10"], 3e-4 / 10, 0.0),  # the default warmup
     ],
     ids=["default_lr", "lr", "weight_decay", "warmup", "default_warmup"],
 )
@@ -361,7 +361,7 @@ def test_lr_weight_decay_and_warmup_set_the_first_adamw_step(overrides, lr, weig
         expected = before[name] * (1 - lr * weight_decay) - lr * g / (g.abs() + ADAM_EPS)
         torch.testing.assert_close(p.detach().double(), expected, atol=lr * 1e-4, rtol=1e-6)
         moved = max(moved, float((p.detach().double() - before[name]).abs().max()))
-    assert moved > 0.9 * lr  # the step happened: the test can tell lr from lr/4 or 1e-4
+    assert moved > 0.9 * lr  # the step happened: the test can tell lr from lr/4 or 3e-4
 
 
 def test_max_grad_norm_clips_the_gradient_adamw_sees_and_logs_the_norm_before():

@@ -119,3 +119,14 @@ def test_four_parallel_jobs_share_one_store_without_losing_a_run_or_a_metric(
         assert "eval/accuracy_final" in r.data.metrics
     parent = next(r for r in runs if r.data.tags.get("grpo_lab.role") == "sweep")
     assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/failed"] == 0
+
+
+def test_the_retrying_client_survives_pickling(tracking_uri):
+    # ddp_spawn pickles the trainer, its logger and so this client to each rank: unpickling
+    # used to recurse in __getattr__ before __init__ had set the wrapped client.
+    import pickle
+
+    from grpo_lab.store import client
+
+    copy = pickle.loads(pickle.dumps(client(tracking_uri)))
+    assert [e.name for e in copy.search_experiments()] == ["Default"]

@@ -354,7 +354,7 @@ def test_lora_with_reference_refresh_is_a_config_error_before_compute():
     # With LoRA the reference is the base model with the adapters off: nothing to refresh.
     # This used to pass the check and fail in GRPOModule after the SFT warm start.
     with pytest.raises(ConfigError, match=r"train.ref_sync_every=2 is invalid with policy.lora"):
-        validate(_composed("policy.lora.enabled=true", "train.ref_sync_every=2"))
+        validate(_composed("policy.lora.enabled=true", "train.ref_sync_every=2", "beta=0.04"))
     validate(_composed("policy.lora.enabled=true", "train.ref_sync_every=2", "beta=0"))
     validate(_composed("policy.lora.enabled=true", "train.ref_sync_every=2", "kl=none"))
 

@@ -31,6 +31,10 @@ class RetryingClient:
         self._client = client
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_client":
+            # Unpickling (ddp_spawn ships the logger to its ranks) looks up attributes before
+            # __init__ ran: without this, reading self._client here would recurse forever.
+            raise AttributeError(name)
         attr = getattr(self._client, name)
         if not callable(attr):
             return attr
