@@ -477,7 +477,7 @@ def test_resumed_run_equals_an_uninterrupted_run(run_cli, tmp_path, tracking_uri
         "train",
         *LEARNING,
         "train.rollouts=6",
-        "train.lr=3e-4",
+        "train.lr=5e-4",
         "hydra.run.dir=outputs/refused",
         f"ckpt_path={tmp_path / 'outputs/resumed/checkpoints/last.ckpt'}",
         check=False,
@@ -485,8 +485,8 @@ def test_resumed_run_equals_an_uninterrupted_run(run_cli, tmp_path, tracking_uri
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("invalid config:\n"), proc.stderr[-3000:]
     assert (
-        f"train.lr=0.0003 is invalid on resume: the MLflow run this checkpoint continues "
-        f"({run_ids['first']}) has train.lr=0.0001" in proc.stderr
+        f"train.lr=0.0005 is invalid on resume: the MLflow run this checkpoint continues "
+        f"({run_ids['first']}) has train.lr=0.0003" in proc.stderr
     )
     assert "train.rollouts" not in proc.stderr.splitlines()[1]  # a change a resume may make
     assert "Traceback" not in proc.stderr
