@@ -133,6 +133,15 @@ class StopOnSignal(L.Callback):
         self._handlers = signal_handlers(stop)
         self._handlers.__enter__()
 
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # Under DDP a signal may reach one rank only (e.g. the launching process): every rank
+        # must stop after the same step, or one waits forever at the checkpoint's barrier.
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+            if stop and self.signum is None:
+                self.signum = signal.SIGTERM
+            trainer.should_stop = trainer.should_stop or stop
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
