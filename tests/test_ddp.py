@@ -33,9 +33,12 @@ from grpo_lab.tasks.base import Example
 from grpo_lab.train import build_rewards
 
 # The reference model is held in eval mode on purpose (it is never trained).
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Found .* module\\(s\\) in eval mode", "ignore:.*does not have many workers"
-)
+pytestmark = [
+    pytest.mark.xdist_group("processes"),  # see pyproject's addopts
+    pytest.mark.filterwarnings(
+        "ignore:Found .* module\\(s\\) in eval mode", "ignore:.*does not have many workers"
+    ),
+]
 
 G = 4
 B = 2  # prompts per rank per rollout

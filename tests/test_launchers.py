@@ -194,6 +194,7 @@ def test_parallel_gpu_sweep_never_runs_two_jobs_on_one_gpu(run_cli, tracking_uri
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # DDP ranks: see pyproject's addopts
 @pytest.mark.parametrize(
     "launcher",
     [["hydra/launcher=serial"], ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]],

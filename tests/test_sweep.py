@@ -198,7 +198,7 @@ def test_optuna_sweeper_maximises_the_objective_train_returns(run_cli, tmp_path,
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.params.G='choice(2,4)'",
-        *fast_without("G"),
+        *fast_without("G", "beta"),
     )
     _, _, runs = runs_of(tracking_uri)
     parent = next(r for r in runs if r.data.tags.get("grpo_lab.role") == "sweep")
