@@ -203,7 +203,16 @@ def _rss_mib() -> float:
 # --------------------------------------------------------------------------- grpo_lab
 
 
-def run_grpo_lab(sampler_name: str, model_dir: Path, prompts, beta: float, s: Settings, profile):
+def run_grpo_lab(
+    sampler_name: str,
+    model_dir: Path,
+    prompts,
+    beta: float,
+    s: Settings,
+    profile,
+    shared_prefix: bool = True,
+    model_impl: str = "auto",
+):
     """GRPOModule under a real Lightning Trainer; phases from its perf/<phase>_s metrics."""
     import lightning as L
 
@@ -215,11 +224,13 @@ def run_grpo_lab(sampler_name: str, model_dir: Path, prompts, beta: float, s: Se
     samplers = {"generate": GenerateSampler, "kv_cache": KVCacheSampler}
     task = FixedPrompts(prompts)
     module = GRPOModule(
-        policy=load_pretrained(str(model_dir)),
+        policy=load_pretrained(str(model_dir), model_impl=model_impl),
         task=task,
         rewards=RewardSet({"accuracy": accuracy_reward}),
         sampler=samplers[sampler_name](max_new_tokens=s.max_new_tokens, temperature=1.0),
-        algo=AlgoConfig(G=s.G, beta=beta, mu=1, max_grad_norm=1.0, seed=s.seed),
+        algo=AlgoConfig(
+            G=s.G, beta=beta, mu=1, max_grad_norm=1.0, seed=s.seed, shared_prefix=shared_prefix
+        ),
         optim=OptimConfig(lr=s.lr, warmup_steps=0, scheduler="constant"),
     )
     out = Result(f"grpo_lab[{sampler_name}]", "", beta)
@@ -655,6 +666,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    parser.add_argument(
+        "--shared-prefix",
+        choices=["on", "off"],
+        default="on",
+        help="grpo_lab's train.shared_prefix (default: on, the project's default)",
+    )
+    parser.add_argument(
+        "--model-impl",
+        choices=["auto", "transformers"],
+        default="auto",
+        help="grpo_lab's policy.model_impl (default: auto, the project's default)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("SPEED.md"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -694,7 +717,16 @@ def main(argv: list[str] | None = None) -> None:
                     with PeakRSS() as rss:
                         if runner.startswith("grpo_lab"):
                             sampler = runner.split("[")[1].rstrip("]")
-                            r = run_grpo_lab(sampler, model_dir, prompts, beta, s, profile)
+                            r = run_grpo_lab(
+                                sampler,
+                                model_dir,
+                                prompts,
+                                beta,
+                                s,
+                                profile,
+                                shared_prefix=args.shared_prefix == "on",
+                                model_impl=args.model_impl,
+                            )
                         elif runner == "trl":
                             r = run_trl(model_dir, prompts, beta, s, Path(tmp))
                         else:

@@ -207,6 +207,7 @@ RULES: dict[str, Rule | Bound] = {
     "policy.max_position_embeddings": _int(ge=1),
     "policy.seed": _SEED,
     "policy.trust_remote_code": _BOOL,
+    "policy.model_impl": _choice("auto", "transformers"),
     "policy.use_chat_template": _rule(lambda v: v in ("auto", True, False), "auto, true or false"),
     "policy.lora.enabled": _BOOL,
     "policy.lora.r": _int(ge=1),

@@ -38,6 +38,8 @@ def greedy_accuracy(
     model.eval()
     if getattr(sampler, "stop_strings", None):
         sampler.tokenizer = tok
+    if hasattr(sampler, "model_impl"):
+        sampler.model_impl = policy.model_impl
     correct = 0
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
@@ -146,6 +148,8 @@ def score(
     model.eval()
     if getattr(sampler, "stop_strings", None):
         sampler.tokenizer = tok
+    if hasattr(sampler, "model_impl"):
+        sampler.model_impl = policy.model_impl
     rows: dict[str, list] = {
         "prompt": [],
         "answer": [],

@@ -133,11 +133,14 @@ class GRPOModule(L.LightningModule):
         self.policy.eval()
         self.tokenizer = policy.tokenizer
         self.use_chat_template = policy.use_chat_template
+        self.model_impl = policy.model_impl
         self.task = task
         self.rewards = rewards
         self.sampler = sampler
         if getattr(sampler, "stop_strings", None):
             sampler.tokenizer = policy.tokenizer
+        if hasattr(sampler, "model_impl"):
+            sampler.model_impl = policy.model_impl
         self.algo = algo
         self.optim = optim
         # No reference model at all when the KL term is off. With LoRA the reference is the
@@ -342,6 +345,7 @@ class GRPOModule(L.LightningModule):
                     _select(completions, idx),
                     temperature=self.sampler.temperature,
                     group_size=self._group_size(),
+                    model_impl=self.model_impl,
                 )[0]
                 for idx in rows.split(size)
             ]
@@ -517,6 +521,7 @@ class GRPOModule(L.LightningModule):
                 with_entropy=True,
                 entropy_grad=bool(self.algo.entropy_coef),
                 group_size=self._group_size(),
+                model_impl=self.model_impl,
             )
             old = rollout.old_logp[chunk] if rollout.old_logp is not None else logp.detach()
             ref = rollout.ref_logp[chunk] if rollout.ref_logp is not None else None

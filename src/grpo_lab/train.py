@@ -125,7 +125,8 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
     # GRPO, so runs with and without LoRA share one warm start.
     full = {k: v for k, v in spec.items() if k != "lora"}
     key_parts = {
-        "policy": full,
+        # model_impl changes only which code runs the forward, not what SFT learns
+        "policy": {k: v for k, v in full.items() if k != "model_impl"},
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "sft": {
             k: v

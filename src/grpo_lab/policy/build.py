@@ -28,11 +28,15 @@ class Policy:
     """A causal LM and the tokenizer that goes with it.
 
     use_chat_template: how prompts are rendered (``tasks.chat.render_prompts``): auto | true | false.
+    model_impl: whose forward runs the model in sampling and training: "auto" = grpo_lab's own
+    (``sampling.native``) where the architecture is supported, else transformers';
+    "transformers" = always transformers'. The same numbers up to float rounding.
     """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     use_chat_template: str | bool = "auto"
+    model_impl: str = "auto"
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -49,12 +53,22 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
     return tokenizer
 
 
+MODEL_IMPLS = ("auto", "transformers")
+
+
 def _finish(
-    policy: Policy, lora: Mapping[str, Any] | None, use_chat_template: str | bool
+    policy: Policy,
+    lora: Mapping[str, Any] | None,
+    use_chat_template: str | bool,
+    model_impl: str = "auto",
 ) -> Policy:
-    """Apply the ``policy.lora`` adapters (when enabled) and the prompt-rendering mode."""
+    """Apply the ``policy.lora`` adapters (when enabled), the prompt-rendering mode and
+    ``policy.model_impl``."""
+    if model_impl not in MODEL_IMPLS:
+        raise ValueError(f"policy.model_impl={model_impl!r}; allowed: {', '.join(MODEL_IMPLS)}")
     policy.model = apply_lora(policy.model, **dict(lora or {}))
     policy.use_chat_template = use_chat_template
+    policy.model_impl = model_impl
     return policy
 
 
@@ -68,15 +82,19 @@ def tiny_llama(
     init_from: str | None = None,
     lora: Mapping[str, Any] | None = None,
     use_chat_template: str | bool = "auto",
+    model_impl: str = "auto",
 ) -> Policy:
     """A small Llama-architecture model with the character tokenizer, built in code.
 
     init_from: a directory written by ``Policy.save`` (e.g. the SFT warm start); when given,
     the weights and tokenizer are loaded from there instead of initialised.
     lora: ``apply_lora`` keywords (``enabled``, ``r``, ``alpha``, ``dropout``, ``target_modules``).
+    model_impl: see ``Policy``.
     """
     if init_from:
-        return load_pretrained(init_from, lora=lora, use_chat_template=use_chat_template)
+        return load_pretrained(
+            init_from, lora=lora, use_chat_template=use_chat_template, model_impl=model_impl
+        )
     tokenizer = char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -95,7 +113,7 @@ def tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     policy = Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
-    return _finish(policy, lora, use_chat_template)
+    return _finish(policy, lora, use_chat_template, model_impl)
 
 
 _DTYPES = {
@@ -115,11 +133,12 @@ def load_pretrained(
     init_from: str | None = None,
     lora: Mapping[str, Any] | None = None,
     use_chat_template: str | bool = "auto",
+    model_impl: str = "auto",
 ) -> Policy:
     """Any ``from_pretrained`` path or hub id (offline: a local directory).
 
     init_from: a directory written by ``Policy.save`` (the SFT warm start) to load instead of
-    ``name_or_path``. lora: ``apply_lora`` keywords; use_chat_template: see ``Policy``.
+    ``name_or_path``. lora: ``apply_lora`` keywords; use_chat_template, model_impl: see ``Policy``.
     """
     name_or_path = init_from or name_or_path
     if dtype not in _DTYPES:
@@ -138,7 +157,7 @@ def load_pretrained(
     )
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     policy = Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
-    return _finish(policy, lora, use_chat_template)
+    return _finish(policy, lora, use_chat_template, model_impl)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -20,6 +20,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from grpo_lab.sampling import native
+
 if TYPE_CHECKING:
     from grpo_lab.sampling.base import Completions
 
@@ -50,6 +52,7 @@ def completion_logprobs(
     entropy_grad: bool = False,
     group_size: int | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
+    model_impl: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """log pi(o_t | q, o_<t) of every completion token, and optionally the entropy there.
 
@@ -58,9 +61,11 @@ def completion_logprobs(
     that pi_old matches the distribution the tokens came from.
     group_size: None runs each row's prompt with it; G runs each group's prompt once (rows
     g*G .. g*G+G-1 must hold the same prompt, as every sampler returns them).
+    model_impl: "auto" runs grpo_lab's own forward where the architecture is supported
+    (``sampling.native``: real tokens only), "transformers" always runs the model's forward.
     """
     mask = completions.completion_mask.bool()  # (N, T)
-    features, head = _completion_features(model, completions, group_size)  # (N, T, F)
+    features, head = _completion_features(model, completions, group_size, model_impl)
     logp, entropy = head_logprobs(
         features[mask],
         head,
@@ -127,7 +132,7 @@ def head_logprobs(
 
 
 def _completion_features(
-    model: nn.Module, completions: Completions, group_size: int | None
+    model: nn.Module, completions: Completions, group_size: int | None, model_impl: str = "auto"
 ) -> tuple[Tensor, nn.Module]:
     """What the head turns into the logits that predict each completion token, and that head.
 
@@ -135,6 +140,19 @@ def _completion_features(
     the hidden states and lm_head where the logits are lm_head(hidden), else the model's full
     logits (F = V) and an identity head.
     """
+    if group_size is not None:
+        _check_groups(completions.prompt_ids, completions.prompt_mask, group_size)
+    parts = native.llama_parts(model) if model_impl == "auto" else None
+    if parts is not None:
+        features = native.completion_features(
+            parts,
+            completions.prompt_ids,
+            completions.prompt_mask,
+            completions.completion_ids,
+            completions.completion_mask,
+            group_size,
+        )
+        return features, parts.head
     plain_head = _logits_are_linear_head(model)
     body = model.get_decoder() if plain_head else model
     head = model.get_output_embeddings() if plain_head else nn.Identity()
@@ -163,7 +181,6 @@ def _completion_features(
         return feats, head  # (N, T, F)
 
     G = group_size
-    _check_groups(prompt_ids, prompt_mask, G)
     # One forward per unique prompt; its last position predicts completion token 0.
     last_feat, cache = run(
         1,

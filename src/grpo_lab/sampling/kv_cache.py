@@ -6,10 +6,12 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from grpo_lab.sampling import native
 from grpo_lab.sampling.base import (
     Completions,
     SamplingSettings,
     completes_stop_string,
+    draw_tokens,
     eos_and_pad_ids,
     position_ids_from_mask,
     stop_window,
@@ -28,7 +30,14 @@ class KVCacheSampler(SamplingSettings):
     every EOS id of the model's generation config ends a row;
     a row ends at EOS or at the token that completes any of ``stop_strings`` (not truncated
     then; needs the tokenizer, which the module sets); the loop ends when every row has.
+
+    model_impl (set by the module from ``policy.model_impl``): "auto" decodes supported
+    architectures with grpo_lab's own forward (``sampling.native``: a preallocated cache
+    written in place, finished rows leave the batch); "transformers" runs the model's forward
+    with a ``DynamicCache``. Both give the same tokens and log-probs up to float rounding.
     """
+
+    model_impl = "auto"
 
     @torch.no_grad()
     def sample(
@@ -46,6 +55,21 @@ class KVCacheSampler(SamplingSettings):
         eos_ids = torch.tensor(eos, dtype=torch.long, device=prompt_ids.device)  # (E,)
         # Greedy completions of a prompt are all the same: decode one row, repeat it at the end.
         G = 1 if greedy else num_samples
+        parts = native.llama_parts(model) if self.model_impl == "auto" else None
+        if parts is not None:
+            ids, logps, end = native.decode(
+                parts,
+                prompt_ids,
+                prompt_mask,
+                G,
+                self.max_new_tokens,
+                lambda logits: self._next_token(logits.float(), greedy),
+                lambda tokens, token, live: self._ends(tokens, token, live, eos_ids),
+                pad,
+            )
+            return self._completions(
+                ids, logps, end, prompt_ids, prompt_mask, num_samples, greedy, pad
+            )
         out = model(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
@@ -69,9 +93,7 @@ class KVCacheSampler(SamplingSettings):
             token = token.masked_fill(finished, pad)
             tokens.append(token)
             logps.append(logp)
-            done = torch.isin(token, eos_ids) & ~finished
-            if self.stop_strings:
-                done |= self._completes_stop(tokens, ~finished & ~done)
+            done = self._ends(tokens, token, ~finished, eos_ids) & ~finished
             end[done] = t
             finished |= done
             if finished.all() or t == self.max_new_tokens - 1:
@@ -87,13 +109,34 @@ class KVCacheSampler(SamplingSettings):
             cache = getattr(out, _CACHE)
             logits = out.logits[:, -1].float()
             position = position + 1
-        ids = torch.stack(tokens, dim=1)  # (N, T)
+        ids, logps = torch.stack(tokens, dim=1), torch.stack(logps, dim=1)  # (N, T)
+        return self._completions(ids, logps, end, prompt_ids, prompt_mask, num_samples, greedy, pad)
+
+    def _ends(self, tokens: list[Tensor], token: Tensor, live: Tensor, eos_ids: Tensor) -> Tensor:
+        """(N,) rows whose newest token ends them: an EOS id, or a completed stop string."""
+        done = torch.isin(token, eos_ids) & live
+        if self.stop_strings:
+            done |= self._completes_stop(tokens, live & ~done)
+        return done
+
+    def _completions(
+        self,
+        ids: Tensor,
+        logps: Tensor,
+        end: Tensor,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        num_samples: int,
+        greedy: bool,
+        pad: int,
+    ) -> Completions:
+        """Completions from the (N, T) tokens and log-probs and each row's last index (-1: none)."""
         T = ids.shape[1]
         truncated = end < 0
         last = torch.where(truncated, torch.full_like(end, T - 1), end)
         completion_mask = (torch.arange(T, device=ids.device) <= last.unsqueeze(1)).long()
         ids = ids.masked_fill(completion_mask == 0, pad)
-        sampling_logp = None if greedy else torch.stack(logps, dim=1) * completion_mask
+        sampling_logp = None if greedy else logps * completion_mask
         repeat = num_samples if greedy else 1
         return Completions(
             prompt_ids=prompt_ids.repeat_interleave(num_samples, dim=0),
@@ -110,7 +153,7 @@ class KVCacheSampler(SamplingSettings):
             token = logits.argmax(dim=-1)
             return token, torch.zeros_like(token, dtype=logits.dtype)
         logp = self.sampling_logits(logits).log_softmax(dim=-1)  # (N, V)
-        token = torch.multinomial(logp.exp(), 1).squeeze(1)
+        token = draw_tokens(logp)
         return token, logp.gather(1, token.unsqueeze(1)).squeeze(1)
 
     def _completes_stop(self, tokens: list[Tensor], live: Tensor) -> Tensor:

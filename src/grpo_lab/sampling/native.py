@@ -1,0 +1,351 @@
+"""grpo_lab's own forward for Llama-family models (``policy.model_impl``): the same weights and
+the same math as transformers' forward, less work.
+
+transformers' forward is general: a cache object that grows by concatenation (copying every
+key and value at every decoded token), masks rebuilt in Python per call, padding computed as
+if it were tokens. For the architectures below, grpo_lab runs the model's own submodules
+(embeddings, norms, projections, MLP, rotary embedding: LoRA adapters and biases included)
+and does the attention itself:
+
+  decode:   a preallocated key/value cache written in place; the prompt runs once per group
+            and its keys and values are copied to the G rows; rows that finished (EOS or stop
+            string) drop out of the batch, so they cost nothing in later steps.
+  training: projections, norms and MLP run on real tokens only (no padding); each group's
+            prompt runs once and its keys and values are gathered for its G completions (a
+            differentiable index: the prompt receives the sum of the G gradients, exactly).
+
+Supported: model_type llama, mistral, qwen2, qwen3 (q/k norms), without a sliding window in
+effect, without gradient checkpointing. Anything else runs transformers' forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class LlamaParts:
+    """The submodules the native forward calls, found on a (possibly peft-wrapped) model."""
+
+    embed: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary: nn.Module
+    head: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def llama_parts(model: nn.Module) -> LlamaParts | None:
+    """The model's parts when grpo_lab's own forward computes exactly what transformers' does,
+    else None (the callers then run transformers' forward)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return None
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    if getattr(model, name, False):
+        return None
+    if _sliding_window_in_effect(config):
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    try:
+        decoder = model.get_decoder()
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if decoder is None or not all(hasattr(decoder, n) for n in needed):
+        return None
+    if not isinstance(head, nn.Linear):
+        return None
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return LlamaParts(
+        embed=decoder.embed_tokens,
+        layers=decoder.layers[: config.num_hidden_layers],
+        norm=decoder.norm,
+        rotary=decoder.rotary_emb,
+        head=head,
+        num_heads=num_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+    )
+
+
+def _sliding_window_in_effect(config) -> bool:
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return any(t != "full_attention" for t in layer_types)
+    if config.model_type in ("qwen2", "qwen3"):
+        return bool(getattr(config, "use_sliding_window", False))
+    return True
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (..., heads, D) rotated by cos/sin (..., D) of its positions."""
+    return x * cos.unsqueeze(-2) + _rotate_half(x) * sin.unsqueeze(-2)
+
+
+def _qkv(parts: LlamaParts, layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor):
+    """Rotated queries (M, H, D), keys and values (M, Hkv, D) of M tokens' normed states h."""
+    attn = layer.self_attn
+    M = h.shape[0]
+    q = attn.q_proj(h).view(M, parts.num_heads, parts.head_dim)
+    k = attn.k_proj(h).view(M, parts.num_kv_heads, parts.head_dim)
+    v = attn.v_proj(h).view(M, parts.num_kv_heads, parts.head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key before rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return _rotary(q, cos, sin), _rotary(k, cos, sin), v
+
+
+def _attend(parts: LlamaParts, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """SDPA over (n, H, Lq, D) queries and (n, Hkv, Lk, D) keys; allowed (n, 1, Lq, Lk) bool."""
+    gqa = parts.num_heads != parts.num_kv_heads
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, scale=parts.head_dim**-0.5, enable_gqa=gqa
+    )
+
+
+def _mlp_block(layer: nn.Module, x: Tensor, attn_out: Tensor) -> Tensor:
+    x = x + layer.self_attn.o_proj(attn_out)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _positions_cos_sin(parts: LlamaParts, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin (M, D) for M tokens at ``positions`` (M,), from the model's rotary module."""
+    cos, sin = parts.rotary(x, positions.unsqueeze(0))
+    return cos[0], sin[0]
+
+
+def _padded(values: Tensor, where: Tensor) -> Tensor:
+    """Scatter M packed rows (M, ...) into a zero (n, L, ...) layout at the True cells of
+    ``where`` (n, L); differentiable in ``values``."""
+    shape = (*where.shape, *values.shape[1:])
+    flat = values.new_zeros((where.numel(), *values.shape[1:]))
+    flat = flat.index_copy(0, where.reshape(-1).nonzero().squeeze(1), values)
+    return flat.view(shape)
+
+
+def _self_or(allowed: Tensor) -> Tensor:
+    """Let every query attend to at least its own position: a padding query that could see
+    nothing would give NaN, and NaN values poison the real queries through 0 x NaN."""
+    L = allowed.shape[-1]
+    eye = torch.eye(L, dtype=torch.bool, device=allowed.device)
+    return allowed | eye
+
+
+# --------------------------------------------------------------------------- training forward
+
+
+def completion_features(
+    parts: LlamaParts,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    group_size: int | None,
+) -> Tensor:
+    """The final hidden states that predict each completion token: (N, T, F), zero where the
+    completion mask is 0. What ``lm_head`` of them gives equals transformers' logits.
+
+    prompt_ids/prompt_mask (N, P) left-padded; completion_ids/completion_mask (N, T).
+    group_size G: rows g*G .. g*G+G-1 share one prompt, which then runs once (None: each row
+    runs its own prompt). Only real tokens go through the projections and the MLP.
+    """
+    N, P = prompt_ids.shape
+    T = completion_ids.shape[1]
+    G = group_size or 1
+    device = prompt_ids.device
+    p_ids, p_mask = prompt_ids[::G], prompt_mask[::G].bool()  # (U, P)
+    owner = torch.arange(N, device=device) // G  # (N,) the prompt row of each completion
+    prompt_len = p_mask.sum(1)  # (U,)
+    p_pos = (p_mask.long().cumsum(1) - 1).clamp(min=0)  # (U, P)
+    # Completion token t (t < T - 1) is an input when token t + 1 is a real token to predict.
+    c_in = completion_mask[:, 1:].bool()  # (N, T-1)
+    c_ids = completion_ids[:, :-1]
+    c_pos = prompt_len[owner].unsqueeze(1) + torch.arange(T - 1, device=device)  # (N, T-1)
+
+    n_prompt = int(p_mask.sum())
+    ids = torch.cat([p_ids[p_mask], c_ids[c_in]])  # (M,) packed real tokens
+    positions = torch.cat([p_pos[p_mask], c_pos[c_in]])
+    x = parts.embed(ids)  # (M, d)
+    cos, sin = _positions_cos_sin(parts, x, positions)
+
+    causal_p = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    allowed_p = _self_or(p_mask[:, None, :] & causal_p)[:, None]  # (U, 1, P, P)
+    causal_c = torch.ones(T - 1, T - 1, dtype=torch.bool, device=device).tril()
+    allowed_c = torch.cat(
+        [
+            p_mask[owner][:, None, :].expand(N, T - 1, P),
+            _self_or(c_in[:, None, :] & causal_c),
+        ],
+        dim=2,
+    )[:, None]  # (N, 1, T-1, P + T-1)
+
+    for layer in parts.layers:
+        q, k, v = _qkv(parts, layer, layer.input_layernorm(x), cos, sin)
+        # prompt tokens attend within their prompt
+        qp, kp, vp = (_padded(t[:n_prompt], p_mask).transpose(1, 2) for t in (q, k, v))
+        out_p = _attend(parts, qp, kp, vp, allowed_p).transpose(1, 2)[p_mask]  # (Mp, H, D)
+        pieces = [out_p]
+        if T > 1:
+            # completion tokens attend to their prompt (shared by the group) and to themselves
+            qc, kc, vc = (_padded(t[n_prompt:], c_in).transpose(1, 2) for t in (q, k, v))
+            keys = torch.cat([kp[owner], kc], dim=2)  # (N, Hkv, P + T-1, D)
+            values = torch.cat([vp[owner], vc], dim=2)
+            out_c = _attend(parts, qc, keys, values, allowed_c).transpose(1, 2)[c_in]
+            pieces.append(out_c)
+        x = _mlp_block(layer, x, torch.cat(pieces).flatten(1))
+    h = parts.norm(x)
+    F_ = h.shape[-1]
+    last_prompt = h[:n_prompt][(prompt_len.cumsum(0) - 1)]  # (U, F) the last prompt token
+    first = last_prompt[owner].unsqueeze(1)  # (N, 1, F): predicts completion token 0
+    rest = _padded(h[n_prompt:], c_in) if T > 1 else h.new_zeros(N, 0, F_)  # (N, T-1, F)
+    return torch.cat([first, rest], dim=1) * completion_mask.unsqueeze(-1).to(h.dtype)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class KVCache:
+    """Keys and values of every layer for n rows and up to ``length`` positions, preallocated.
+
+    k, v: per layer (n, Hkv, length, D). valid (n, length) bool: the positions a row attends to.
+    """
+
+    def __init__(self, parts: LlamaParts, n: int, length: int, like: Tensor) -> None:
+        shape = (n, parts.num_kv_heads, length, parts.head_dim)
+        self.k = [like.new_zeros(shape) for _ in parts.layers]
+        self.v = [like.new_zeros(shape) for _ in parts.layers]
+        self.valid = torch.zeros(n, length, dtype=torch.bool, device=like.device)
+
+    def keep(self, rows: Tensor) -> None:
+        """Drop every row not in ``rows`` (indices into the current rows, in order)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.valid = self.valid.index_select(0, rows)
+
+
+@torch.no_grad()
+def prefill(
+    parts: LlamaParts, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_new_tokens: int
+) -> tuple[Tensor, KVCache]:
+    """Run the B prompts once; return the logits of their next token (B, V) and a cache of
+    B*G rows (each prompt's keys and values copied to its G rows) with room for the
+    completions."""
+    B, P = prompt_ids.shape
+    mask = prompt_mask.bool()
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    x = parts.embed(prompt_ids)  # (B, P, d)
+    cos, sin = parts.rotary(x, positions)  # (B, P, D)
+    causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
+    allowed = _self_or(mask[:, None, :] & causal)[:, None]  # (B, 1, P, P)
+    cache = KVCache(parts, B * G, P + max_new_tokens, x)
+    cache.valid[:, :P] = mask.repeat_interleave(G, 0)
+    for i, layer in enumerate(parts.layers):
+        h = layer.input_layernorm(x).reshape(B * P, -1)
+        q, k, v = _qkv(parts, layer, h, cos.reshape(B * P, -1), sin.reshape(B * P, -1))
+        q, k, v = (t.view(B, P, -1, parts.head_dim).transpose(1, 2) for t in (q, k, v))
+        cache.k[i][:, :, :P] = k.repeat_interleave(G, 0)
+        cache.v[i][:, :, :P] = v.repeat_interleave(G, 0)
+        out = _attend(parts, q, k, v, allowed).transpose(1, 2).reshape(B, P, -1)
+        x = _mlp_block(layer, x, out)
+    logits = parts.head(parts.norm(x[:, -1]))  # left padding: the last position is real
+    return logits, cache
+
+
+@torch.no_grad()
+def decode_step(
+    parts: LlamaParts, token: Tensor, position: Tensor, cache: KVCache, slot: int
+) -> Tensor:
+    """One new token per cache row at cache position ``slot``; returns next-token logits (n, V).
+
+    token, position: (n,). Writes the token's keys and values into the cache in place.
+    """
+    n = token.shape[0]
+    x = parts.embed(token)  # (n, d)
+    cos, sin = _positions_cos_sin(parts, x, position)
+    cache.valid[:, slot] = True
+    allowed = cache.valid[:, None, None, : slot + 1]  # (n, 1, 1, slot + 1)
+    for i, layer in enumerate(parts.layers):
+        q, k, v = _qkv(parts, layer, layer.input_layernorm(x), cos, sin)
+        cache.k[i][:, :, slot] = k
+        cache.v[i][:, :, slot] = v
+        keys = cache.k[i][:, :, : slot + 1]
+        values = cache.v[i][:, :, : slot + 1]
+        out = _attend(parts, q.unsqueeze(2), keys, values, allowed)  # (n, H, 1, D)
+        x = _mlp_block(layer, x, out.reshape(n, -1))
+    return parts.head(parts.norm(x))
+
+
+def decode(
+    parts: LlamaParts,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    G: int,
+    max_new_tokens: int,
+    next_token: Callable[[Tensor], tuple[Tensor, Tensor]],
+    ends_row: Callable[[list[Tensor], Tensor, Tensor], Tensor],
+    pad: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample up to max_new_tokens for B*G rows; finished rows leave the batch.
+
+    next_token(logits (n, V) float32) -> (token (n,), logp (n,)); ends_row(tokens so far as
+    T x (N,) with pad on finished rows, token (N,), live (N,)) -> (N,) bool, the rows this token
+    ends. Returns tokens (N, T) (pad after a row ended), logps (N, T) and end (N,) (the index
+    of each row's last token, -1 where none ended it).
+    """
+    B, P = prompt_ids.shape
+    N = B * G
+    device = prompt_ids.device
+    logits, cache = prefill(parts, prompt_ids, prompt_mask, G, max_new_tokens)
+    logits = logits.float().repeat_interleave(G, 0)  # (N, V)
+    position = prompt_mask.sum(1).repeat_interleave(G)  # (N,) the next token's position
+    rows = torch.arange(N, device=device)  # the original row of each cache row
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    end = torch.full((N,), -1, dtype=torch.long, device=device)
+    tokens: list[Tensor] = []
+    logps: list[Tensor] = []
+    for t in range(max_new_tokens):
+        token_live, logp_live = next_token(logits)  # (n,)
+        token = torch.full((N,), pad, dtype=token_live.dtype, device=device)
+        logp = torch.zeros(N, dtype=logp_live.dtype, device=device)
+        token[rows] = token_live
+        logp[rows] = logp_live
+        tokens.append(token)
+        logps.append(logp)
+        live = ~finished
+        done = ends_row(tokens, token, live) & live
+        end[done] = t
+        finished |= done
+        if finished.all() or t == max_new_tokens - 1:
+            break
+        still = ~done[rows]  # (n,) cache rows that go on
+        if not still.all():
+            keep = still.nonzero().squeeze(1)
+            cache.keep(keep)
+            rows = rows[keep]
+            token_live = token_live[keep]
+        logits = decode_step(parts, token_live, position[rows] + t, cache, P + t).float()
+    return torch.stack(tokens, 1), torch.stack(logps, 1), end
