@@ -10,7 +10,13 @@ optimizer step per rollout, fp32 on the CPU. Each configuration runs `--warmup` 
 not timed, then `--steps` timed steps; the table gives the median.
 
 Runners:
-  grpo_lab[generate], grpo_lab[kv_cache]  GRPOModule under a real Lightning Trainer, one per sampler
+  grpo_lab[kv_cache]                      GRPOModule under a real Lightning Trainer with the project's
+                                          defaults: its own sampler, policy.model_impl=auto (its
+                                          own forward), train.shared_prefix on
+  grpo_lab[generate]                      the same with transformers' generate as the sampler
+  grpo_lab[kv_cache,transformers,unshared]  the defaults before this benchmark's changes:
+                                          transformers' forward, each prompt run G times in training
+  grpo_lab[kv_cache,compile]              the defaults with train.compile=true
   trl                                     trl.GRPOTrainer (loss_type="grpo", use_cpu, no gradient
                                           checkpointing, bf16 off, 64 completions per optimizer
                                           step, one optimizer step per generation)
@@ -203,6 +209,28 @@ def _rss_mib() -> float:
 # --------------------------------------------------------------------------- grpo_lab
 
 
+GRPO_LAB_RUNNERS = (
+    "grpo_lab[kv_cache]",
+    "grpo_lab[generate]",
+    "grpo_lab[kv_cache,transformers,unshared]",
+    "grpo_lab[kv_cache,compile]",
+)
+
+
+def parse_grpo_lab_runner(name: str) -> tuple[str, dict]:
+    """ "grpo_lab[sampler,flag,...]" -> (sampler, run_grpo_lab keywords). Flags: transformers
+    (policy.model_impl=transformers), unshared (train.shared_prefix=false), compile."""
+    sampler, *flags = name.removeprefix("grpo_lab[").removesuffix("]").split(",")
+    unknown = set(flags) - {"transformers", "unshared", "compile"}
+    if sampler not in ("kv_cache", "generate") or unknown:
+        raise ValueError(f"unknown grpo_lab runner {name!r}")
+    return sampler, {
+        "model_impl": "transformers" if "transformers" in flags else "auto",
+        "shared_prefix": "unshared" not in flags,
+        "compile": "compile" in flags,
+    }
+
+
 def run_grpo_lab(
     sampler_name: str,
     model_dir: Path,
@@ -212,6 +240,7 @@ def run_grpo_lab(
     profile,
     shared_prefix: bool = True,
     model_impl: str = "auto",
+    compile: bool = False,
 ):
     """GRPOModule under a real Lightning Trainer; phases from its perf/<phase>_s metrics."""
     import lightning as L
@@ -229,11 +258,17 @@ def run_grpo_lab(
         rewards=RewardSet({"accuracy": accuracy_reward}),
         sampler=samplers[sampler_name](max_new_tokens=s.max_new_tokens, temperature=1.0),
         algo=AlgoConfig(
-            G=s.G, beta=beta, mu=1, max_grad_norm=1.0, seed=s.seed, shared_prefix=shared_prefix
+            G=s.G,
+            beta=beta,
+            mu=1,
+            max_grad_norm=1.0,
+            seed=s.seed,
+            shared_prefix=shared_prefix,
+            compile=compile,
         ),
         optim=OptimConfig(lr=s.lr, warmup_steps=0, scheduler="constant"),
     )
-    out = Result(f"grpo_lab[{sampler_name}]", "", beta)
+    out = Result("grpo_lab", "", beta)  # the caller names the runner
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -647,8 +682,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--runners",
         nargs="+",
-        default=["grpo_lab[generate]", "grpo_lab[kv_cache]", "trl", "plain"],
-        choices=["grpo_lab[generate]", "grpo_lab[kv_cache]", "trl", "plain"],
+        default=[*GRPO_LAB_RUNNERS, "trl", "plain"],
+        choices=[*GRPO_LAB_RUNNERS, "trl", "plain"],
     )
     parser.add_argument("--betas", nargs="+", type=float, default=[0.04, 0.0])
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
@@ -665,18 +700,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
-    )
-    parser.add_argument(
-        "--shared-prefix",
-        choices=["on", "off"],
-        default="on",
-        help="grpo_lab's train.shared_prefix (default: on, the project's default)",
-    )
-    parser.add_argument(
-        "--model-impl",
-        choices=["auto", "transformers"],
-        default="auto",
-        help="grpo_lab's policy.model_impl (default: auto, the project's default)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("SPEED.md"))
     args = parser.parse_args(argv)
@@ -716,22 +739,15 @@ def main(argv: list[str] | None = None) -> None:
                         )
                     with PeakRSS() as rss:
                         if runner.startswith("grpo_lab"):
-                            sampler = runner.split("[")[1].rstrip("]")
+                            sampler, options = parse_grpo_lab_runner(runner)
                             r = run_grpo_lab(
-                                sampler,
-                                model_dir,
-                                prompts,
-                                beta,
-                                s,
-                                profile,
-                                shared_prefix=args.shared_prefix == "on",
-                                model_impl=args.model_impl,
+                                sampler, model_dir, prompts, beta, s, profile, **options
                             )
                         elif runner == "trl":
                             r = run_trl(model_dir, prompts, beta, s, Path(tmp))
                         else:
                             r = run_plain(model_dir, prompts, beta, s)
-                    r.workload = name
+                    r.workload, r.runner = name, runner
                     r.peak_rss_mib, r.rss_growth_mib = rss.peak, rss.peak - rss.start
                     results.append(r)
                     if profile is not None:

@@ -57,6 +57,9 @@ def test_quick_run_writes_a_speed_report_with_every_runner(tmp_path):
         "datasets", reason="TRL's trainer needs datasets: pip install -e '.[bench]'"
     )
     out = tmp_path / "SPEED.md"
+    speed = load_speed()
+    # every runner but the compiled one, whose compilation alone takes longer than the rest
+    runners = [r for r in speed.GRPO_LAB_RUNNERS if "compile" not in r] + ["trl", "plain"]
     proc = subprocess.run(
         [
             sys.executable,
@@ -64,6 +67,8 @@ def test_quick_run_writes_a_speed_report_with_every_runner(tmp_path):
             "--quick",
             "--workloads",
             "tiny",
+            "--runners",
+            *runners,
             "--out",
             str(out),
         ],
@@ -83,7 +88,6 @@ def test_quick_run_writes_a_speed_report_with_every_runner(tmp_path):
     # | tiny | beta | runner | s/step | tokens/s | RSS | sample | reward | ref | old | update |
     row = r"^\| tiny \| ([\d.]+) \| (\S+) \| ([\d.e+-]+) \| ([\d.e+-]+) \|"
     rows = re.findall(row, sections["Seconds per step"], re.M)
-    runners = ["grpo_lab[generate]", "grpo_lab[kv_cache]", "trl", "plain"]
     assert {(beta, runner) for beta, runner, *_ in rows} == {
         (beta, r) for beta in ("0.04", "0") for r in runners
     }, rows
@@ -93,7 +97,7 @@ def test_quick_run_writes_a_speed_report_with_every_runner(tmp_path):
     ratio_section = next(v for k, v in sections.items() if k.startswith("Ratios"))
     # | tiny | beta | grpo_lab runner | / TRL | / plain | / limit | / limit |
     ratios = re.findall(row, ratio_section, re.M)
-    assert len(ratios) == 4, ratios
+    assert len(ratios) == 2 * (len(runners) - 2), ratios
     for beta, runner, over_trl, over_plain in ratios:
         # each value in the tables is rounded to 3 significant figures: 3 x 0.5% at most
         assert float(over_trl) == pytest.approx(steps[beta, runner] / steps[beta, "trl"], rel=0.02)
@@ -101,3 +105,18 @@ def test_quick_run_writes_a_speed_report_with_every_runner(tmp_path):
             steps[beta, runner] / steps[beta, "plain"], rel=0.02
         )
     assert "## FLOP-bound limit" in text
+
+
+def test_grpo_lab_runner_names_map_to_the_options_they_claim():
+    speed = load_speed()
+    assert speed.parse_grpo_lab_runner("grpo_lab[kv_cache]") == (
+        "kv_cache",
+        {"model_impl": "auto", "shared_prefix": True, "compile": False},
+    )
+    assert speed.parse_grpo_lab_runner("grpo_lab[kv_cache,transformers,unshared]") == (
+        "kv_cache",
+        {"model_impl": "transformers", "shared_prefix": False, "compile": False},
+    )
+    assert speed.parse_grpo_lab_runner("grpo_lab[generate,compile]")[1]["compile"] is True
+    with pytest.raises(ValueError, match="unknown grpo_lab runner"):
+        speed.parse_grpo_lab_runner("grpo_lab[kv_cache,fast]")

@@ -18,6 +18,7 @@ from grpo_lab import distributed, objective
 from grpo_lab.policy.build import Policy, frozen_copy
 from grpo_lab.policy.lora import is_lora
 from grpo_lab.rewards.combine import RewardSet
+from grpo_lab.sampling import native
 from grpo_lab.sampling.base import Completions, Sampler, completion_logprobs, sampling_logp_gap
 from grpo_lab.tasks.base import Example, Task
 from grpo_lab.tasks.chat import render_prompts
@@ -37,6 +38,7 @@ class AlgoConfig:
     microbatch_size: completions per forward/backward (divides minibatch_size).
     shared_prefix: each forward runs a group's prompt once for its G completions (mini- and
     micro-batches are then whole groups, and mini-batches shuffle groups, not rows).
+    compile: torch.compile the forwards (``train.compile``; see ``compile_forwards``).
     """
 
     G: int = 8
@@ -58,6 +60,7 @@ class AlgoConfig:
     num_minibatches: int | None = None
     microbatch_size: int | None = None
     shared_prefix: bool = False
+    compile: bool = False
     max_grad_norm: float | None = 1.0
     max_consecutive_skipped_steps: int = 3  # non-finite gradients in a row before the run stops
     ref_sync_every: int = 0  # refresh the reference every N rollouts (0 = never)
@@ -156,6 +159,10 @@ class GRPOModule(L.LightningModule):
             )
         if self.has_reference and not lora_base_is_reference:
             self.reference = reference if reference is not None else frozen_copy(self.policy)
+        if algo.compile:
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    native.compile_model(model, self.model_impl)
         self.rollouts_done = 0
         self.skipped_steps_total = 0  # optimizer steps skipped for a non-finite gradient
         self.consecutive_skipped_steps = 0

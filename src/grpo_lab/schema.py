@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional  # OmegaConf's structured configs read Optional, not X | None
+from typing import Any, Optional  # OmegaConf's structured configs read Optional, not X | None
 
 
 class KLEstimator(str, Enum):
@@ -109,7 +109,8 @@ class TrainSchema:
     minibatch_size: Optional[int]  # noqa: UP045
     num_minibatches: Optional[int]  # noqa: UP045
     microbatch_size: Optional[int]  # noqa: UP045
-    shared_prefix: bool
+    shared_prefix: Any  # auto | true | false (config.RULES checks it)
+    compile: bool
     lr: float
     weight_decay: float
     warmup_steps: int

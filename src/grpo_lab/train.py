@@ -87,7 +87,8 @@ def algo_config(cfg: DictConfig) -> AlgoConfig:
         minibatch_size=cfg.train.minibatch_size,
         num_minibatches=cfg.train.num_minibatches,
         microbatch_size=cfg.train.microbatch_size,
-        shared_prefix=cfg.train.get("shared_prefix", False),
+        shared_prefix=resolve_shared_prefix(cfg),
+        compile=cfg.train.get("compile", False),
         max_grad_norm=cfg.train.max_grad_norm,
         max_consecutive_skipped_steps=cfg.train.max_consecutive_skipped_steps,
         ref_sync_every=cfg.train.ref_sync_every,
@@ -96,6 +97,18 @@ def algo_config(cfg: DictConfig) -> AlgoConfig:
         dynamic_sampling_max_tries=cfg.train.dynamic_sampling_max_tries,
         seed=cfg.seed,
     )
+
+
+def resolve_shared_prefix(cfg: DictConfig) -> bool:
+    """``train.shared_prefix``: true/false as given; auto = on when every mini- and micro-batch
+    holds whole groups (the config check refuses true otherwise)."""
+    value = cfg.train.get("shared_prefix", "auto")
+    if value != "auto":
+        return bool(value)
+    n = cfg.train.prompts_per_step * cfg.G
+    mini = cfg.train.minibatch_size or n // (cfg.train.num_minibatches or 1)
+    micro = cfg.train.microbatch_size or mini
+    return mini % cfg.G == 0 and micro % cfg.G == 0
 
 
 def optimizer_steps(cfg: DictConfig) -> int:

@@ -85,6 +85,21 @@ def llama_parts(model: nn.Module) -> LlamaParts | None:
     )
 
 
+def compile_model(model: nn.Module, model_impl: str = "auto") -> None:
+    """torch.compile what runs the model's forward (``train.compile``), in place (state_dict
+    keys unchanged). With grpo_lab's own forward: the token-wise parts of every layer (norms
+    and MLP, where elementwise work can fuse; the attention stays eager, its shapes change at
+    every decoded token); else transformers' decoder. dynamic=True: token counts vary."""
+    parts = llama_parts(model) if model_impl == "auto" else None
+    if parts is None:
+        model.get_decoder().compile(dynamic=True)
+        return
+    for layer in parts.layers:
+        for part in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+            part.compile(dynamic=True)
+    parts.norm.compile(dynamic=True)
+
+
 def _sliding_window_in_effect(config) -> bool:
     window = getattr(config, "sliding_window", None)
     if window is None:
@@ -229,31 +244,38 @@ def completion_features(
 
 
 class KVCache:
-    """Keys and values of every layer for n rows and up to ``length`` positions, preallocated.
+    """Keys and values of every layer, preallocated: the prompt's once per group, each
+    completion's per row.
 
-    k, v: per layer (n, Hkv, length, D). valid (n, length) bool: the positions a row attends to.
+    kp, vp: per layer (B, Hkv, P, D), the B prompts; prompt_bias (B, P): 0 on real prompt
+    tokens, -inf on padding (added to the attention scores).
+    k, v: per layer (n, Hkv, T, D), the n rows still decoding and their completions so far.
+    rows (n,): the row (of B*G, grouped by prompt) each cache row holds.
     """
 
-    def __init__(self, parts: LlamaParts, n: int, length: int, like: Tensor) -> None:
-        shape = (n, parts.num_kv_heads, length, parts.head_dim)
-        self.k = [like.new_zeros(shape) for _ in parts.layers]
-        self.v = [like.new_zeros(shape) for _ in parts.layers]
-        self.valid = torch.zeros(n, length, dtype=torch.bool, device=like.device)
+    def __init__(self, parts: LlamaParts, B: int, G: int, P: int, T: int, like: Tensor) -> None:
+        Hkv, D = parts.num_kv_heads, parts.head_dim
+        self.G = G
+        self.kp = [like.new_zeros(B, Hkv, P, D) for _ in parts.layers]
+        self.vp = [like.new_zeros(B, Hkv, P, D) for _ in parts.layers]
+        self.prompt_bias = like.new_zeros(B, P)
+        self.k = [like.new_zeros(B * G, Hkv, T, D) for _ in parts.layers]
+        self.v = [like.new_zeros(B * G, Hkv, T, D) for _ in parts.layers]
+        self.rows = torch.arange(B * G, device=like.device)
 
     def keep(self, rows: Tensor) -> None:
         """Drop every row not in ``rows`` (indices into the current rows, in order)."""
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
-        self.valid = self.valid.index_select(0, rows)
+        self.rows = self.rows[rows]
 
 
 @torch.no_grad()
 def prefill(
     parts: LlamaParts, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_new_tokens: int
 ) -> tuple[Tensor, KVCache]:
-    """Run the B prompts once; return the logits of their next token (B, V) and a cache of
-    B*G rows (each prompt's keys and values copied to its G rows) with room for the
-    completions."""
+    """Run the B prompts once; return the logits of their next token (B, V) and a cache that
+    holds their keys and values once, with room for B*G completions."""
     B, P = prompt_ids.shape
     mask = prompt_mask.bool()
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
@@ -261,40 +283,73 @@ def prefill(
     cos, sin = parts.rotary(x, positions)  # (B, P, D)
     causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
     allowed = _self_or(mask[:, None, :] & causal)[:, None]  # (B, 1, P, P)
-    cache = KVCache(parts, B * G, P + max_new_tokens, x)
-    cache.valid[:, :P] = mask.repeat_interleave(G, 0)
+    cache = KVCache(parts, B, G, P, max_new_tokens, x)
+    cache.prompt_bias.masked_fill_(~mask, float("-inf"))
     for i, layer in enumerate(parts.layers):
         h = layer.input_layernorm(x).reshape(B * P, -1)
         q, k, v = _qkv(parts, layer, h, cos.reshape(B * P, -1), sin.reshape(B * P, -1))
         q, k, v = (t.view(B, P, -1, parts.head_dim).transpose(1, 2) for t in (q, k, v))
-        cache.k[i][:, :, :P] = k.repeat_interleave(G, 0)
-        cache.v[i][:, :, :P] = v.repeat_interleave(G, 0)
+        cache.kp[i].copy_(k)
+        cache.vp[i].copy_(v)
         out = _attend(parts, q, k, v, allowed).transpose(1, 2).reshape(B, P, -1)
         x = _mlp_block(layer, x, out)
     logits = parts.head(parts.norm(x[:, -1]))  # left padding: the last position is real
     return logits, cache
 
 
+def _by_group(x: Tensor, G: int) -> Tensor:
+    """(B*G, Hkv, r, L) -> (B, Hkv, G*r, L): a group's rows side by side, per key head."""
+    N, Hkv, r, L = x.shape
+    return x.view(N // G, G, Hkv, r, L).transpose(1, 2).reshape(N // G, Hkv, G * r, L)
+
+
+def _by_row(x: Tensor, G: int) -> Tensor:
+    """The inverse of ``_by_group``: (B, Hkv, G*r, L) -> (B*G, Hkv, r, L)."""
+    B, Hkv, Gr, L = x.shape
+    return x.view(B, Hkv, G, Gr // G, L).transpose(1, 2).reshape(B * G, Hkv, Gr // G, L)
+
+
 @torch.no_grad()
 def decode_step(
-    parts: LlamaParts, token: Tensor, position: Tensor, cache: KVCache, slot: int
+    parts: LlamaParts, token: Tensor, position: Tensor, cache: KVCache, t: int
 ) -> Tensor:
-    """One new token per cache row at cache position ``slot``; returns next-token logits (n, V).
+    """One new token for each cache row, completion token index ``t``; returns next-token
+    logits (n, V). token, position: (n,). Writes the token's keys and values in place.
 
-    token, position: (n,). Writes the token's keys and values into the cache in place.
+    Attention in two parts whose scores share one softmax: against the prompt, per group (the
+    G rows' queries against the prompt's keys in one matmul, so each prompt's keys and values
+    are read once per group, not G times), and against the row's own completion so far.
     """
     n = token.shape[0]
+    G, rows = cache.G, cache.rows
+    N = cache.kp[0].shape[0] * G
     x = parts.embed(token)  # (n, d)
     cos, sin = _positions_cos_sin(parts, x, position)
-    cache.valid[:, slot] = True
-    allowed = cache.valid[:, None, None, : slot + 1]  # (n, 1, 1, slot + 1)
+    Hkv, D = parts.num_kv_heads, parts.head_dim
+    rep = parts.num_heads // Hkv
+    full = n == N  # no row has left yet: rows are 0..N-1 in order
+    P = cache.kp[0].shape[2]
+    bias = cache.prompt_bias.repeat_interleave(G, 0)[:, None, None, :]  # (N, 1, 1, P)
+    if not full:
+        bias = bias[rows]
     for i, layer in enumerate(parts.layers):
         q, k, v = _qkv(parts, layer, layer.input_layernorm(x), cos, sin)
-        cache.k[i][:, :, slot] = k
-        cache.v[i][:, :, slot] = v
-        keys = cache.k[i][:, :, : slot + 1]
-        values = cache.v[i][:, :, : slot + 1]
-        out = _attend(parts, q.unsqueeze(2), keys, values, allowed)  # (n, H, 1, D)
+        cache.k[i][:, :, t] = k
+        cache.v[i][:, :, t] = v
+        q = q.view(n, Hkv, rep, D) * D**-0.5
+        q_all = q if full else q.new_zeros(N, Hkv, rep, D).index_copy(0, rows, q)
+        to_prompt = _by_row(_by_group(q_all, G) @ cache.kp[i].transpose(2, 3), G)  # (N,.., P)
+        if not full:
+            to_prompt = to_prompt[rows]
+        to_self = q @ cache.k[i][:, :, : t + 1].transpose(2, 3)  # (n, Hkv, rep, t + 1)
+        probs = torch.cat([to_prompt + bias, to_self], dim=-1).softmax(dim=-1)
+        p_prompt, p_self = probs.split([P, t + 1], dim=-1)
+        if not full:
+            p_prompt = p_prompt.new_zeros(N, Hkv, rep, P).index_copy(0, rows, p_prompt)
+        out_prompt = _by_row(_by_group(p_prompt, G) @ cache.vp[i], G)  # (N, Hkv, rep, D)
+        if not full:
+            out_prompt = out_prompt[rows]
+        out = out_prompt + p_self @ cache.v[i][:, :, : t + 1]
         x = _mlp_block(layer, x, out.reshape(n, -1))
     return parts.head(parts.norm(x))
 
@@ -322,17 +377,19 @@ def decode(
     logits, cache = prefill(parts, prompt_ids, prompt_mask, G, max_new_tokens)
     logits = logits.float().repeat_interleave(G, 0)  # (N, V)
     position = prompt_mask.sum(1).repeat_interleave(G)  # (N,) the next token's position
-    rows = torch.arange(N, device=device)  # the original row of each cache row
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     end = torch.full((N,), -1, dtype=torch.long, device=device)
     tokens: list[Tensor] = []
     logps: list[Tensor] = []
     for t in range(max_new_tokens):
         token_live, logp_live = next_token(logits)  # (n,)
+        # rows that finished but are still in the batch compute on; what they draw is dropped
+        rows = cache.rows  # the row each cache row holds
+        ended = finished[rows]
         token = torch.full((N,), pad, dtype=token_live.dtype, device=device)
         logp = torch.zeros(N, dtype=logp_live.dtype, device=device)
-        token[rows] = token_live
-        logp[rows] = logp_live
+        token[rows] = token_live.masked_fill(ended, pad)
+        logp[rows] = logp_live.masked_fill(ended, 0.0)
         tokens.append(token)
         logps.append(logp)
         live = ~finished
@@ -341,11 +398,12 @@ def decode(
         finished |= done
         if finished.all() or t == max_new_tokens - 1:
             break
-        still = ~done[rows]  # (n,) cache rows that go on
-        if not still.all():
+        # Finished rows leave the batch once they are an eighth of it: each removal copies the
+        # cache, so removing them one at a time would cost more than it saves.
+        still = ~finished[rows]  # (n,) cache rows that go on
+        if (~still).sum() * 8 >= len(rows):
             keep = still.nonzero().squeeze(1)
             cache.keep(keep)
-            rows = rows[keep]
             token_live = token_live[keep]
-        logits = decode_step(parts, token_live, position[rows] + t, cache, P + t).float()
+        logits = decode_step(parts, token_live, position[cache.rows] + t, cache, t).float()
     return torch.stack(tokens, 1), torch.stack(logps, 1), end
