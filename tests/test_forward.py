@@ -315,7 +315,7 @@ def _step(metric) -> tuple[int, int]:
         ),
         (
             ["train.shared_prefix=yes"],
-            "train.shared_prefix='yes' is invalid: expected true or false",
+            "train.shared_prefix='yes' is invalid: expected auto, true or false",
         ),
     ],
 )

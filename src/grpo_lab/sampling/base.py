@@ -121,14 +121,17 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: flo
     return out
 
 
-def draw_tokens(logp: Tensor) -> Tensor:
+def draw_tokens(logp: Tensor, uniform: Tensor | None = None) -> Tensor:
     """One token per row from the distributions softmax(logp) (N, V) -> (N,), by inverting the
     cumulative distribution at a uniform draw (torch.multinomial draws V exponentials per row
-    for one token). A token of probability 0 is never drawn: u > 0 and the first index whose
-    cumulative mass reaches u has mass of its own."""
+    for one token). uniform: (N, 1) draws in [0, 1), or None to draw them here. A token of
+    probability 0 is never drawn: 1 - u > 0 and the first index whose cumulative mass reaches
+    it has mass of its own."""
     cdf = logp.exp().cumsum(dim=-1)  # (N, V)
-    u = (1.0 - torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype)) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype)
+    target = (1.0 - uniform) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
 class SamplingSettings:

@@ -169,7 +169,10 @@ def _completion_features(
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
     mask = torch.cat([prompt_mask, completions.completion_mask], dim=1)  # (N, P + T)
     positions = position_ids_from_mask(mask)  # (N, P + T)
-    if group_size is None:
+    # transformers switches its cache off under gradient checkpointing in training mode: with
+    # no cache to share, each row runs its own prompt.
+    checkpointing = getattr(body, "gradient_checkpointing", False) and body.training
+    if group_size is None or checkpointing:
         input_ids = torch.cat([prompt_ids, completion_ids[:, :-1]], dim=1)
         feats, _ = run(
             T,

@@ -34,7 +34,8 @@ class KVCacheSampler(SamplingSettings):
     model_impl (set by the module from ``policy.model_impl``): "auto" decodes supported
     architectures with grpo_lab's own forward (``sampling.native``: a preallocated cache
     written in place, finished rows leave the batch); "transformers" runs the model's forward
-    with a ``DynamicCache``. Both give the same tokens and log-probs up to float rounding.
+    with a ``DynamicCache``. Both draw the same random numbers and give the same tokens and
+    log-probs up to float rounding.
     """
 
     model_impl = "auto"
@@ -55,6 +56,7 @@ class KVCacheSampler(SamplingSettings):
         eos_ids = torch.tensor(eos, dtype=torch.long, device=prompt_ids.device)  # (E,)
         # Greedy completions of a prompt are all the same: decode one row, repeat it at the end.
         G = 1 if greedy else num_samples
+        B = prompt_ids.shape[0]
         parts = native.llama_parts(model) if self.model_impl == "auto" else None
         if parts is not None:
             ids, logps, end = native.decode(
@@ -63,7 +65,7 @@ class KVCacheSampler(SamplingSettings):
                 prompt_mask,
                 G,
                 self.max_new_tokens,
-                lambda logits: self._next_token(logits.float(), greedy),
+                lambda logits, rows: self._next_token(logits.float(), greedy, rows, B * G),
                 lambda tokens, token, live: self._ends(tokens, token, live, eos_ids),
                 pad,
             )
@@ -147,13 +149,22 @@ class KVCacheSampler(SamplingSettings):
             sampling_logp=sampling_logp,
         )
 
-    def _next_token(self, logits: Tensor, greedy: bool) -> tuple[Tensor, Tensor]:
-        """One token per row, and its log-prob under the distribution it was drawn from."""
+    def _next_token(
+        self, logits: Tensor, greedy: bool, rows: Tensor | None = None, n_rows: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """One token per row, and its log-prob under the distribution it was drawn from.
+
+        rows: which of n_rows rows the logits are (None: all of them). Uniforms are drawn for
+        all n_rows, so the random stream does not depend on how many rows are still decoding.
+        """
         if greedy:
             token = logits.argmax(dim=-1)
             return token, torch.zeros_like(token, dtype=logits.dtype)
-        logp = self.sampling_logits(logits).log_softmax(dim=-1)  # (N, V)
-        token = draw_tokens(logp)
+        logp = self.sampling_logits(logits).log_softmax(dim=-1)  # (n, V)
+        u = None
+        if rows is not None:
+            u = torch.rand(n_rows, 1, device=logits.device, dtype=logp.dtype)[rows]
+        token = draw_tokens(logp, u)
         return token, logp.gather(1, token.unsqueeze(1)).squeeze(1)
 
     def _completes_stop(self, tokens: list[Tensor], live: Tensor) -> Tensor:

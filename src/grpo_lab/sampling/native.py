@@ -59,6 +59,9 @@ def llama_parts(model: nn.Module) -> LlamaParts | None:
         return None
     if _sliding_window_in_effect(config):
         return None
+    # The native attention has no dropout (GRPOModule keeps the policy in eval mode anyway).
+    if model.training and getattr(config, "attention_dropout", 0.0):
+        return None
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
     try:
@@ -360,13 +363,15 @@ def decode(
     prompt_mask: Tensor,
     G: int,
     max_new_tokens: int,
-    next_token: Callable[[Tensor], tuple[Tensor, Tensor]],
+    next_token: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
     ends_row: Callable[[list[Tensor], Tensor, Tensor], Tensor],
     pad: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample up to max_new_tokens for B*G rows; finished rows leave the batch.
 
-    next_token(logits (n, V) float32) -> (token (n,), logp (n,)); ends_row(tokens so far as
+    next_token(logits (n, V) float32, rows (n,)) -> (token (n,), logp (n,)) for the n rows still
+    in the batch (of the N; a sampler draws N uniforms and uses theirs, so that the random stream
+    advances as if every row were decoded); ends_row(tokens so far as
     T x (N,) with pad on finished rows, token (N,), live (N,)) -> (N,) bool, the rows this token
     ends. Returns tokens (N, T) (pad after a row ended), logps (N, T) and end (N,) (the index
     of each row's last token, -1 where none ended it).
@@ -382,9 +387,9 @@ def decode(
     tokens: list[Tensor] = []
     logps: list[Tensor] = []
     for t in range(max_new_tokens):
-        token_live, logp_live = next_token(logits)  # (n,)
-        # rows that finished but are still in the batch compute on; what they draw is dropped
         rows = cache.rows  # the row each cache row holds
+        token_live, logp_live = next_token(logits, rows)  # (n,)
+        # rows that finished but are still in the batch compute on; what they draw is dropped
         ended = finished[rows]
         token = torch.full((N,), pad, dtype=token_live.dtype, device=device)
         logp = torch.zeros(N, dtype=logp_live.dtype, device=device)
