@@ -330,6 +330,15 @@ def _decode_batch_sizes(model):
     return sizes, handle
 
 
+@pytest.fixture(params=["prompt_per_row", "prompt_per_group"])
+def prompt_layout(request, monkeypatch):
+    """Both ways the native decode keeps a prompt's keys: copied to its G rows (short prompts)
+    or once per group, attended through one matmul per group (long prompts)."""
+    threshold = 10**9 if request.param == "prompt_per_row" else 0
+    monkeypatch.setattr(native, "SHARED_PROMPT_MIN_TOKENS", threshold)
+    return request.param
+
+
 def test_greedy_native_decode_equals_generate_while_finished_rows_leave(decoding_model):
     arch, model, prompt_ids, prompt_mask = decoding_model
     assert native.llama_parts(model) is not None
@@ -384,7 +393,9 @@ def _filtered_reference(model, c: Completions, temperature: float, top_k: int) -
 
 @pytest.mark.parametrize("top_k", [0, 5])
 @pytest.mark.parametrize("stop", [False, True], ids=["eos", "stop_strings"])
-def test_sampled_logp_equals_a_full_forward_over_the_sampled_tokens(decoding_model, top_k, stop):
+def test_sampled_logp_equals_a_full_forward_over_the_sampled_tokens(
+    decoding_model, top_k, stop, prompt_layout
+):
     arch, model, prompt_ids, prompt_mask = decoding_model
     assert native.llama_parts(model) is not None
     tok = char_tokenizer()
@@ -410,7 +421,7 @@ def test_sampled_logp_equals_a_full_forward_over_the_sampled_tokens(decoding_mod
         assert (~c.truncated & (last != eos)).any(), "a stop string must end some row"
 
 
-def test_both_model_impls_sample_the_same_tokens_when_rows_end_early(decoding_model):
+def test_both_model_impls_sample_the_same_tokens_when_rows_end_early(decoding_model, prompt_layout):
     """With one seed both decodes draw the same uniforms at every step (the native decode draws
     one for every row, finished or not, and uses the live rows' ones), so they sample the same
     tokens, also after rows have ended and left the native batch."""
@@ -429,6 +440,33 @@ def test_both_model_impls_sample_the_same_tokens_when_rows_end_early(decoding_mo
     assert auto.truncated.any(), "and another must go on after it"
     assert torch.equal(auto.completion_ids, theirs.completion_ids)
     assert torch.equal(auto.completion_mask, theirs.completion_mask)
+    torch.testing.assert_close(auto.sampling_logp, theirs.sampling_logp, rtol=1e-5, atol=1e-5)
+
+
+def test_a_long_prompt_is_kept_once_per_group_and_decodes_as_transformers_does(monkeypatch):
+    """A prompt of SHARED_PROMPT_MIN_TOKENS or more is kept once per group by default (its keys
+    held (B, ...), not (B*G, ...)); the tokens and log-probs equal transformers' decode."""
+    model = build("llama", seed=1)
+    P = native.SHARED_PROMPT_MIN_TOKENS + 5
+    prompt_ids, prompt_mask = _prompts([P, P - 9], P, torch.Generator().manual_seed(5))
+    shapes = []
+    prefill = native.prefill
+
+    def recording_prefill(*args, **kwargs):
+        logits, cache = prefill(*args, **kwargs)
+        shapes.append(None if cache.kp is None else tuple(cache.kp[0].shape))
+        return logits, cache
+
+    monkeypatch.setattr(native, "prefill", recording_prefill)
+    got = {}
+    for impl in ("auto", "transformers"):
+        sampler = KVCacheSampler(max_new_tokens=8, temperature=0.9)
+        sampler.model_impl = impl
+        torch.manual_seed(4)
+        got[impl] = sampler.sample(model, prompt_ids, prompt_mask, 4)
+    assert shapes and shapes[0][0] == 2  # B prompts, not B*G rows
+    auto, theirs = got["auto"], got["transformers"]
+    assert torch.equal(auto.completion_ids, theirs.completion_ids)
     torch.testing.assert_close(auto.sampling_logp, theirs.sampling_logp, rtol=1e-5, atol=1e-5)
 
 

@@ -246,30 +246,43 @@ def completion_features(
 # --------------------------------------------------------------------------- decoding
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated: the prompt's once per group, each
-    completion's per row.
+# Prompts at least this long keep their keys and values once per group in the decode (the
+# G rows attend to them through one matmul per group); shorter ones are copied to each row, as
+# the few extra operations per layer and token cost more than reading a short prompt G times.
+SHARED_PROMPT_MIN_TOKENS = 32
 
-    kp, vp: per layer (B, Hkv, P, D), the B prompts; prompt_bias (B, P): 0 on real prompt
-    tokens, -inf on padding (added to the attention scores).
-    k, v: per layer (n, Hkv, T, D), the n rows still decoding and their completions so far.
-    rows (n,): the row (of B*G, grouped by prompt) each cache row holds.
+
+class KVCache:
+    """Keys and values of every layer, preallocated.
+
+    k, v: per layer (n, Hkv, L, D), the n rows still decoding. rows (n,): the row (of B*G,
+    grouped by prompt) each cache row holds.
+    shared prompt (kp is not None): kp, vp per layer (B, Hkv, P, D) hold each prompt once,
+    prompt_bias (B, P) is 0 on real prompt tokens and -inf on padding, and k, v hold only the
+    completions (L = T). Otherwise k, v hold prompt and completion (L = P + T) and row_bias
+    (n, L) masks the prompt's padding.
     """
 
-    def __init__(self, parts: LlamaParts, B: int, G: int, P: int, T: int, like: Tensor) -> None:
+    def __init__(
+        self, parts: LlamaParts, B: int, G: int, P: int, T: int, like: Tensor, shared: bool
+    ) -> None:
         Hkv, D = parts.num_kv_heads, parts.head_dim
-        self.G = G
-        self.kp = [like.new_zeros(B, Hkv, P, D) for _ in parts.layers]
-        self.vp = [like.new_zeros(B, Hkv, P, D) for _ in parts.layers]
+        self.G, self.P = G, P
+        self.kp = [like.new_zeros(B, Hkv, P, D) for _ in parts.layers] if shared else None
+        self.vp = [like.new_zeros(B, Hkv, P, D) for _ in parts.layers] if shared else None
         self.prompt_bias = like.new_zeros(B, P)
-        self.k = [like.new_zeros(B * G, Hkv, T, D) for _ in parts.layers]
-        self.v = [like.new_zeros(B * G, Hkv, T, D) for _ in parts.layers]
+        L = T if shared else P + T
+        self.k = [like.new_zeros(B * G, Hkv, L, D) for _ in parts.layers]
+        self.v = [like.new_zeros(B * G, Hkv, L, D) for _ in parts.layers]
+        self.row_bias = None if shared else like.new_zeros(B * G, L)
         self.rows = torch.arange(B * G, device=like.device)
 
     def keep(self, rows: Tensor) -> None:
         """Drop every row not in ``rows`` (indices into the current rows, in order)."""
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
+        if self.row_bias is not None:
+            self.row_bias = self.row_bias.index_select(0, rows)
         self.rows = self.rows[rows]
 
 
@@ -278,7 +291,8 @@ def prefill(
     parts: LlamaParts, prompt_ids: Tensor, prompt_mask: Tensor, G: int, max_new_tokens: int
 ) -> tuple[Tensor, KVCache]:
     """Run the B prompts once; return the logits of their next token (B, V) and a cache that
-    holds their keys and values once, with room for B*G completions."""
+    holds their keys and values (once per group, or per row for short prompts) with room for
+    B*G completions."""
     B, P = prompt_ids.shape
     mask = prompt_mask.bool()
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
@@ -286,14 +300,21 @@ def prefill(
     cos, sin = parts.rotary(x, positions)  # (B, P, D)
     causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
     allowed = _self_or(mask[:, None, :] & causal)[:, None]  # (B, 1, P, P)
-    cache = KVCache(parts, B, G, P, max_new_tokens, x)
+    shared = G > 1 and P >= SHARED_PROMPT_MIN_TOKENS
+    cache = KVCache(parts, B, G, P, max_new_tokens, x, shared)
     cache.prompt_bias.masked_fill_(~mask, float("-inf"))
+    if not shared:
+        cache.row_bias[:, :P] = cache.prompt_bias.repeat_interleave(G, 0)
     for i, layer in enumerate(parts.layers):
         h = layer.input_layernorm(x).reshape(B * P, -1)
         q, k, v = _qkv(parts, layer, h, cos.reshape(B * P, -1), sin.reshape(B * P, -1))
         q, k, v = (t.view(B, P, -1, parts.head_dim).transpose(1, 2) for t in (q, k, v))
-        cache.kp[i].copy_(k)
-        cache.vp[i].copy_(v)
+        if shared:
+            cache.kp[i].copy_(k)
+            cache.vp[i].copy_(v)
+        else:
+            cache.k[i][:, :, :P] = k.repeat_interleave(G, 0)
+            cache.v[i][:, :, :P] = v.repeat_interleave(G, 0)
         out = _attend(parts, q, k, v, allowed).transpose(1, 2).reshape(B, P, -1)
         x = _mlp_block(layer, x, out)
     logits = parts.head(parts.norm(x[:, -1]))  # left padding: the last position is real
@@ -319,42 +340,60 @@ def decode_step(
     """One new token for each cache row, completion token index ``t``; returns next-token
     logits (n, V). token, position: (n,). Writes the token's keys and values in place.
 
-    Attention in two parts whose scores share one softmax: against the prompt, per group (the
-    G rows' queries against the prompt's keys in one matmul, so each prompt's keys and values
-    are read once per group, not G times), and against the row's own completion so far.
+    Attention by matmuls rather than SDPA (for one query per row they are faster on the CPU,
+    and grouped heads need no copy of the keys: queries are viewed per key head). With a
+    shared prompt it comes in two parts whose scores share one softmax: against the prompt,
+    per group (the G rows' queries against the prompt's keys in one matmul, so each prompt's
+    keys and values are read once per group, not G times), and against the row's own
+    completion so far.
     """
     n = token.shape[0]
-    G, rows = cache.G, cache.rows
-    N = cache.kp[0].shape[0] * G
     x = parts.embed(token)  # (n, d)
     cos, sin = _positions_cos_sin(parts, x, position)
     Hkv, D = parts.num_kv_heads, parts.head_dim
     rep = parts.num_heads // Hkv
-    full = n == N  # no row has left yet: rows are 0..N-1 in order
-    P = cache.kp[0].shape[2]
-    bias = cache.prompt_bias.repeat_interleave(G, 0)[:, None, None, :]  # (N, 1, 1, P)
-    if not full:
-        bias = bias[rows]
+    slot = t if cache.kp is not None else cache.P + t
+    if cache.kp is None:
+        cache.row_bias[:, slot] = 0.0
+        bias = cache.row_bias[:, None, None, : slot + 1]  # (n, 1, 1, P + t + 1)
     for i, layer in enumerate(parts.layers):
         q, k, v = _qkv(parts, layer, layer.input_layernorm(x), cos, sin)
-        cache.k[i][:, :, t] = k
-        cache.v[i][:, :, t] = v
+        cache.k[i][:, :, slot] = k
+        cache.v[i][:, :, slot] = v
         q = q.view(n, Hkv, rep, D) * D**-0.5
-        q_all = q if full else q.new_zeros(N, Hkv, rep, D).index_copy(0, rows, q)
-        to_prompt = _by_row(_by_group(q_all, G) @ cache.kp[i].transpose(2, 3), G)  # (N,.., P)
-        if not full:
-            to_prompt = to_prompt[rows]
-        to_self = q @ cache.k[i][:, :, : t + 1].transpose(2, 3)  # (n, Hkv, rep, t + 1)
-        probs = torch.cat([to_prompt + bias, to_self], dim=-1).softmax(dim=-1)
-        p_prompt, p_self = probs.split([P, t + 1], dim=-1)
-        if not full:
-            p_prompt = p_prompt.new_zeros(N, Hkv, rep, P).index_copy(0, rows, p_prompt)
-        out_prompt = _by_row(_by_group(p_prompt, G) @ cache.vp[i], G)  # (N, Hkv, rep, D)
-        if not full:
-            out_prompt = out_prompt[rows]
-        out = out_prompt + p_self @ cache.v[i][:, :, : t + 1]
+        keys, values = cache.k[i][:, :, : slot + 1], cache.v[i][:, :, : slot + 1]
+        if cache.kp is None:
+            out = (q @ keys.transpose(2, 3) + bias).softmax(dim=-1) @ values
+        else:
+            out = _shared_prompt_attention(q, keys, values, cache, i)
         x = _mlp_block(layer, x, out.reshape(n, -1))
     return parts.head(parts.norm(x))
+
+
+def _shared_prompt_attention(
+    q: Tensor, keys: Tensor, values: Tensor, cache: KVCache, layer: int
+) -> Tensor:
+    """q (n, Hkv, rep, D) scaled; keys, values (n, Hkv, t + 1, D) of the rows' completions.
+    Returns (n, Hkv, rep, D)."""
+    G, rows, P = cache.G, cache.rows, cache.P
+    kp, vp = cache.kp[layer], cache.vp[layer]
+    N = kp.shape[0] * G
+    n, Hkv, rep, D = q.shape
+    full = n == N  # no row has left yet: rows are 0..N-1 in order
+    bias = cache.prompt_bias.repeat_interleave(G, 0)[:, None, None, :]  # (N, 1, 1, P)
+    q_all = q if full else q.new_zeros(N, Hkv, rep, D).index_copy(0, rows, q)
+    to_prompt = _by_row(_by_group(q_all, G) @ kp.transpose(2, 3), G) + bias  # (N, .., P)
+    if not full:
+        to_prompt = to_prompt[rows]
+    to_self = q @ keys.transpose(2, 3)  # (n, Hkv, rep, t + 1)
+    probs = torch.cat([to_prompt, to_self], dim=-1).softmax(dim=-1)
+    p_prompt, p_self = probs.split([P, keys.shape[2]], dim=-1)
+    if not full:
+        p_prompt = p_prompt.new_zeros(N, Hkv, rep, P).index_copy(0, rows, p_prompt)
+    out_prompt = _by_row(_by_group(p_prompt, G) @ vp, G)  # (N, Hkv, rep, D)
+    if not full:
+        out_prompt = out_prompt[rows]
+    return out_prompt + p_self @ values
 
 
 def decode(
