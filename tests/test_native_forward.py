@@ -747,3 +747,63 @@ def test_a_training_run_logs_the_same_metrics_with_either_model_impl(
     for key, values in want.items():
         assert len(values) >= 1, key
         assert got[key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
+
+
+# --------------------------------------------------------------------------- train.compile
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["auto", "transformers"])
+def test_train_compile_compiles_the_forward_and_changes_no_number(impl):
+    """train.compile=true compiles what runs the forward (the norms and MLP of the native one,
+    transformers' decoder otherwise), in place: state_dict keys stay, and the log-probs and
+    every gradient equal the eager model's."""
+    import copy
+
+    model = build("llama")
+    compiled = copy.deepcopy(model)
+    native.compile_model(compiled, impl)
+    layer = compiled.model.layers[0]
+    if impl == "auto":
+        assert layer.mlp._compiled_call_impl is not None
+        assert compiled.model._compiled_call_impl is None  # the attention stays eager
+    else:
+        assert compiled.model._compiled_call_impl is not None
+    assert list(compiled.state_dict()) == list(model.state_dict())
+    c = random_completions(4)
+    results = []
+    for m in (model, compiled):
+        logp, _ = completion_logprobs(m, c, group_size=4, model_impl=impl)
+        (logp * c.completion_mask).sum().backward()
+        results.append((logp, [p.grad.clone() for p in m.parameters()]))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "shared", "compiled"),
+    [
+        ([], True, False),  # defaults: B*G = 16*8, one mini-batch of whole groups
+        (["train.compile=true"], True, True),
+        (["train.minibatch_size=12"], False, False),  # 12 rows: not whole groups of 8
+        (["train.microbatch_size=4", "train.minibatch_size=64"], False, False),
+        (["train.shared_prefix=false"], False, False),
+        (["train.minibatch_size=32", "train.microbatch_size=16"], True, False),
+    ],
+)
+def test_the_config_reaches_the_step_as_it_says(overrides, shared, compiled):
+    """train.shared_prefix=auto is on exactly when every mini- and micro-batch holds whole
+    groups; train.compile reaches AlgoConfig."""
+    from hydra import compose, initialize_config_dir
+
+    from grpo_lab.config import validate
+    from grpo_lab.paths import config_dir
+    from grpo_lab.train import algo_config
+
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    validate(cfg)
+    algo = algo_config(cfg)
+    assert (algo.shared_prefix, algo.compile) == (shared, compiled)
