@@ -363,7 +363,8 @@ def decode_step(
         q = q.view(n, Hkv, rep, D) * D**-0.5
         keys, values = cache.k[i][:, :, : slot + 1], cache.v[i][:, :, : slot + 1]
         if cache.kp is None:
-            out = (q @ keys.transpose(2, 3) + bias).softmax(dim=-1) @ values
+            scores = q @ keys.transpose(2, 3) + bias
+            out = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype) @ values
         else:
             out = _shared_prompt_attention(q, keys, values, cache, i)
         x = _mlp_block(layer, x, out.reshape(n, -1))
@@ -386,7 +387,8 @@ def _shared_prompt_attention(
     if not full:
         to_prompt = to_prompt[rows]
     to_self = q @ keys.transpose(2, 3)  # (n, Hkv, rep, t + 1)
-    probs = torch.cat([to_prompt, to_self], dim=-1).softmax(dim=-1)
+    probs = torch.cat([to_prompt, to_self], dim=-1).softmax(dim=-1, dtype=torch.float32)
+    probs = probs.to(values.dtype)  # softmax in float32 for half-precision models, as SDPA
     p_prompt, p_self = probs.split([P, keys.shape[2]], dim=-1)
     if not full:
         p_prompt = p_prompt.new_zeros(N, Hkv, rep, P).index_copy(0, rows, p_prompt)
