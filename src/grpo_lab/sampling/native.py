@@ -115,6 +115,22 @@ def _sliding_window_in_effect(config) -> bool:
     return True
 
 
+def _norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """The model's RMSNorm of x. In float32 it is torch's fused ``rms_norm`` (one operator, not
+    seven: the same numbers, bit for bit); otherwise, or when the module was compiled
+    (``train.compile``) or is another kind of norm, the module itself (transformers' casts to
+    float32 and back round differently from the fused operator in half precision)."""
+    if (
+        x.dtype == torch.float32
+        and type(norm).__name__.endswith("RMSNorm")
+        and getattr(norm, "_compiled_call_impl", None) is None
+        and isinstance(getattr(norm, "variance_epsilon", None), float)
+        and norm.weight.dtype == torch.float32
+    ):
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -133,7 +149,7 @@ def _qkv(parts: LlamaParts, layer: nn.Module, h: Tensor, cos: Tensor, sin: Tenso
     k = attn.k_proj(h).view(M, parts.num_kv_heads, parts.head_dim)
     v = attn.v_proj(h).view(M, parts.num_kv_heads, parts.head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key before rotary
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
     return _rotary(q, cos, sin), _rotary(k, cos, sin), v
 
 
@@ -147,7 +163,7 @@ def _attend(parts: LlamaParts, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor)
 
 def _mlp_block(layer: nn.Module, x: Tensor, attn_out: Tensor) -> Tensor:
     x = x + layer.self_attn.o_proj(attn_out)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    return x + layer.mlp(_norm(layer.post_attention_layernorm, x))
 
 
 def _positions_cos_sin(parts: LlamaParts, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -222,7 +238,7 @@ def completion_features(
     )[:, None]  # (N, 1, T-1, P + T-1)
 
     for layer in parts.layers:
-        q, k, v = _qkv(parts, layer, layer.input_layernorm(x), cos, sin)
+        q, k, v = _qkv(parts, layer, _norm(layer.input_layernorm, x), cos, sin)
         # prompt tokens attend within their prompt
         qp, kp, vp = (_padded(t[:n_prompt], p_mask).transpose(1, 2) for t in (q, k, v))
         out_p = _attend(parts, qp, kp, vp, allowed_p).transpose(1, 2)[p_mask]  # (Mp, H, D)
@@ -235,7 +251,7 @@ def completion_features(
             out_c = _attend(parts, qc, keys, values, allowed_c).transpose(1, 2)[c_in]
             pieces.append(out_c)
         x = _mlp_block(layer, x, torch.cat(pieces).flatten(1))
-    h = parts.norm(x)
+    h = _norm(parts.norm, x)
     F_ = h.shape[-1]
     last_prompt = h[:n_prompt][(prompt_len.cumsum(0) - 1)]  # (U, F) the last prompt token
     first = last_prompt[owner].unsqueeze(1)  # (N, 1, F): predicts completion token 0
@@ -306,7 +322,7 @@ def prefill(
     if not shared:
         cache.row_bias[:, :P] = cache.prompt_bias.repeat_interleave(G, 0)
     for i, layer in enumerate(parts.layers):
-        h = layer.input_layernorm(x).reshape(B * P, -1)
+        h = _norm(layer.input_layernorm, x).reshape(B * P, -1)
         q, k, v = _qkv(parts, layer, h, cos.reshape(B * P, -1), sin.reshape(B * P, -1))
         q, k, v = (t.view(B, P, -1, parts.head_dim).transpose(1, 2) for t in (q, k, v))
         if shared:
@@ -317,7 +333,7 @@ def prefill(
             cache.v[i][:, :, :P] = v.repeat_interleave(G, 0)
         out = _attend(parts, q, k, v, allowed).transpose(1, 2).reshape(B, P, -1)
         x = _mlp_block(layer, x, out)
-    logits = parts.head(parts.norm(x[:, -1]))  # left padding: the last position is real
+    logits = parts.head(_norm(parts.norm, x[:, -1]))  # left padding: the last position is real
     return logits, cache
 
 
@@ -357,7 +373,7 @@ def decode_step(
         cache.row_bias[:, slot] = 0.0
         bias = cache.row_bias[:, None, None, : slot + 1]  # (n, 1, 1, P + t + 1)
     for i, layer in enumerate(parts.layers):
-        q, k, v = _qkv(parts, layer, layer.input_layernorm(x), cos, sin)
+        q, k, v = _qkv(parts, layer, _norm(layer.input_layernorm, x), cos, sin)
         cache.k[i][:, :, slot] = k
         cache.v[i][:, :, slot] = v
         q = q.view(n, Hkv, rep, D) * D**-0.5
@@ -368,7 +384,7 @@ def decode_step(
         else:
             out = _shared_prompt_attention(q, keys, values, cache, i)
         x = _mlp_block(layer, x, out.reshape(n, -1))
-    return parts.head(parts.norm(x))
+    return parts.head(_norm(parts.norm, x))
 
 
 def _shared_prompt_attention(
