@@ -787,7 +787,7 @@ def test_train_compile_compiles_the_forward_and_changes_no_number(impl):
     [
         ([], True, False),  # defaults: B*G = 16*8, one mini-batch of whole groups
         (["train.compile=true"], True, True),
-        (["train.minibatch_size=12"], False, False),  # 12 rows: not whole groups of 8
+        (["train.minibatch_size=4"], False, False),  # 4 rows: not whole groups of 8
         (["train.microbatch_size=4", "train.minibatch_size=64"], False, False),
         (["train.shared_prefix=false"], False, False),
         (["train.minibatch_size=32", "train.microbatch_size=16"], True, False),
