@@ -779,7 +779,9 @@ def test_train_compile_compiles_the_forward_and_changes_no_number(impl):
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        # compiled kernels fuse and reorder float32 sums: rounding, relative to the gradient's scale
+        scale = float(w.abs().max())
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5 * scale + 1e-7)
 
 
 @pytest.mark.parametrize(
