@@ -778,8 +778,12 @@ def test_train_compile_compiles_the_forward_and_changes_no_number(impl):
         results.append((logp, [p.grad.clone() for p in m.parameters()]))
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Inductor's fused kernels add in another order: a few elements of a gradient move by float
+    # rounding (6e-5 on gradients of ~1 here), so compare each gradient as a whole, as
+    # assert_same_logp_and_grads does.
     for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        err = ((g - w).norm() / w.norm()).item()
+        assert err < 1e-5, f"relative gradient error {err:.2e}"
 
 
 @pytest.mark.parametrize(
@@ -787,7 +791,7 @@ def test_train_compile_compiles_the_forward_and_changes_no_number(impl):
     [
         ([], True, False),  # defaults: B*G = 16*8, one mini-batch of whole groups
         (["train.compile=true"], True, True),
-        (["train.minibatch_size=12"], False, False),  # 12 rows: not whole groups of 8
+        (["train.minibatch_size=4"], False, False),  # 4 rows: half a group of 8
         (["train.microbatch_size=4", "train.minibatch_size=64"], False, False),
         (["train.shared_prefix=false"], False, False),
         (["train.minibatch_size=32", "train.microbatch_size=16"], True, False),
