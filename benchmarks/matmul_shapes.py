@@ -17,7 +17,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from speed import WORKLOADS, Settings, machine
 
 
@@ -42,8 +41,10 @@ def main() -> None:
     s = Settings()
     decode_rows = s.prompts * s.G
     print(f"- machine: {machine()}\n- command: `python benchmarks/matmul_shapes.py`\n")
-    print("| workload | product (out x in) | decode: 64 rows GFLOP/s | training: "
-          f"{args.training_rows} rows GFLOP/s |")
+    print(
+        "| workload | product (out x in) | decode: 64 rows GFLOP/s | training: "
+        f"{args.training_rows} rows GFLOP/s |"
+    )
     print("|---|---|---:|---:|")
     for name in ("tiny", "small"):
         w = WORKLOADS[name]

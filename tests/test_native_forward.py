@@ -778,6 +778,9 @@ def test_train_compile_compiles_the_forward_and_changes_no_number(impl):
         results.append((logp, [p.grad.clone() for p in m.parameters()]))
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Inductor's fused kernels add in another order: a few elements of a gradient move by float
+    # rounding (6e-5 on gradients of ~1 here), so compare each gradient as a whole, as
+    # assert_same_logp_and_grads does.
     for g, w in zip(got_grads, want_grads):
         # compiled kernels fuse and reorder float32 sums: rounding, relative to the gradient's scale
         scale = float(w.abs().max())

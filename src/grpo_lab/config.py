@@ -168,7 +168,10 @@ RULES: dict[str, Rule | Bound] = {
     "train.minibatch_size": _int(ge=1, nullable=True),
     "train.num_minibatches": _int(ge=1, nullable=True),
     "train.microbatch_size": _int(ge=1, nullable=True),
-    "train.shared_prefix": _rule(lambda v: v in ("auto", True, False), "auto, true or false"),
+    # isinstance, not ``in (True, False)``: 1 == True, and 1 would skip the whole-groups check
+    "train.shared_prefix": _rule(
+        lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"
+    ),
     "train.compile": _BOOL,
     "train.lr": _num(gt=0),
     "train.weight_decay": _num(ge=0),

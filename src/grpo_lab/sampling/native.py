@@ -154,8 +154,16 @@ def _qkv(parts: LlamaParts, layer: nn.Module, h: Tensor, cos: Tensor, sin: Tenso
 
 
 def _attend(parts: LlamaParts, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-    """SDPA over (n, H, Lq, D) queries and (n, Hkv, Lk, D) keys; allowed (n, 1, Lq, Lk) bool."""
+    """SDPA over (n, H, Lq, D) queries and (n, Hkv, Lk, D) keys; allowed (n, 1, Lq, Lk) bool
+    or additive float."""
     gqa = parts.num_heads != parts.num_kv_heads
+    if gqa and q.is_cuda:
+        # CUDA's fused kernels take no mask with enable_gqa: SDPA would fall back to its math
+        # kernel, which holds every (Lq, Lk) score in float32. Repeat the keys instead, as
+        # transformers does (integrations/sdpa_attention.py, use_gqa_in_sdpa).
+        rep = parts.num_heads // parts.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=allowed, scale=parts.head_dim**-0.5, enable_gqa=gqa
     )
@@ -356,8 +364,10 @@ def decode_step(
     """One new token for each cache row, completion token index ``t``; returns next-token
     logits (n, V). token, position: (n,). Writes the token's keys and values in place.
 
-    Attention by matmuls rather than SDPA (for one query per row they are faster on the CPU,
-    and grouped heads need no copy of the keys: queries are viewed per key head). With a
+    Attention by matmuls rather than SDPA for float32 models (for one query per row they are
+    faster on the CPU, and grouped heads need no copy of the keys: queries are viewed per key
+    head); by SDPA for half-precision ones, which keeps scores and probabilities in float32
+    as the training forward does. With a
     shared prompt it comes in two parts whose scores share one softmax: against the prompt,
     per group (the G rows' queries against the prompt's keys in one matmul, so each prompt's
     keys and values are read once per group, not G times), and against the row's own
@@ -369,6 +379,7 @@ def decode_step(
     Hkv, D = parts.num_kv_heads, parts.head_dim
     rep = parts.num_heads // Hkv
     slot = t if cache.kp is not None else cache.P + t
+    half = x.dtype in (torch.float16, torch.bfloat16)
     if cache.kp is None:
         cache.row_bias[:, slot] = 0.0
         bias = cache.row_bias[:, None, None, : slot + 1]  # (n, 1, 1, P + t + 1)
@@ -376,13 +387,16 @@ def decode_step(
         q, k, v = _qkv(parts, layer, _norm(layer.input_layernorm, x), cos, sin)
         cache.k[i][:, :, slot] = k
         cache.v[i][:, :, slot] = v
-        q = q.view(n, Hkv, rep, D) * D**-0.5
         keys, values = cache.k[i][:, :, : slot + 1], cache.v[i][:, :, : slot + 1]
-        if cache.kp is None:
-            scores = q @ keys.transpose(2, 3) + bias
-            out = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype) @ values
+        if cache.kp is not None:
+            out = _shared_prompt_attention(q.view(n, Hkv, rep, D), keys, values, cache, i)
+        elif half:
+            # SDPA keeps scores and probabilities in float32, as the training forward does; a
+            # matmul in bf16 would round every score to 3 significant digits
+            out = _attend(parts, q.unsqueeze(2), keys, values, bias)  # (n, H, 1, D)
         else:
-            out = _shared_prompt_attention(q, keys, values, cache, i)
+            scores = (q.view(n, Hkv, rep, D) * D**-0.5) @ keys.transpose(2, 3) + bias
+            out = scores.softmax(dim=-1) @ values
         x = _mlp_block(layer, x, out.reshape(n, -1))
     return parts.head(_norm(parts.norm, x))
 
@@ -390,10 +404,18 @@ def decode_step(
 def _shared_prompt_attention(
     q: Tensor, keys: Tensor, values: Tensor, cache: KVCache, layer: int
 ) -> Tensor:
-    """q (n, Hkv, rep, D) scaled; keys, values (n, Hkv, t + 1, D) of the rows' completions.
-    Returns (n, Hkv, rep, D)."""
+    """q (n, Hkv, rep, D); keys, values (n, Hkv, t + 1, D) of the rows' completions.
+    Returns (n, Hkv, rep, D).
+
+    Half-precision inputs are computed in float32: SDPA, which the training forward runs,
+    keeps scores and probabilities in float32 for them, and a bf16 matmul would round each
+    score to 3 significant digits."""
+    dtype = q.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    q = q.to(work) * q.shape[-1] ** -0.5
+    keys, values = keys.to(work), values.to(work)
     G, rows, P = cache.G, cache.rows, cache.P
-    kp, vp = cache.kp[layer], cache.vp[layer]
+    kp, vp = cache.kp[layer].to(work), cache.vp[layer].to(work)
     N = kp.shape[0] * G
     n, Hkv, rep, D = q.shape
     full = n == N  # no row has left yet: rows are 0..N-1 in order
@@ -403,15 +425,14 @@ def _shared_prompt_attention(
     if not full:
         to_prompt = to_prompt[rows]
     to_self = q @ keys.transpose(2, 3)  # (n, Hkv, rep, t + 1)
-    probs = torch.cat([to_prompt, to_self], dim=-1).softmax(dim=-1, dtype=torch.float32)
-    probs = probs.to(values.dtype)  # softmax in float32 for half-precision models, as SDPA
+    probs = torch.cat([to_prompt, to_self], dim=-1).softmax(dim=-1)
     p_prompt, p_self = probs.split([P, keys.shape[2]], dim=-1)
     if not full:
         p_prompt = p_prompt.new_zeros(N, Hkv, rep, P).index_copy(0, rows, p_prompt)
     out_prompt = _by_row(_by_group(p_prompt, G) @ vp, G)  # (N, Hkv, rep, D)
     if not full:
         out_prompt = out_prompt[rows]
-    return out_prompt + p_self @ values
+    return (out_prompt + p_self @ values).to(dtype)
 
 
 def decode(
