@@ -741,6 +741,8 @@ def test_a_training_run_logs_the_same_metrics_with_either_model_impl(
         r.data.params["policy.model_impl"]: _metric_histories(client, r.info.run_id) for r in jobs
     }
     assert len(jobs) == 2 and histories.keys() == {"transformers", "auto"}
+    # FAST's batches are whole groups: train.shared_prefix=auto resolved to on, and says so
+    assert {r.data.tags.get("grpo_lab.shared_prefix") for r in jobs} == {"true"}
     want, got = histories["transformers"], histories["auto"]
     assert got.keys() == want.keys()
     assert {"loss", "kl", "grad_norm", "reward", "eval/accuracy"} <= want.keys()
@@ -812,3 +814,38 @@ def test_the_config_reaches_the_step_as_it_says(overrides, shared, compiled):
     validate(cfg)
     algo = algo_config(cfg)
     assert (algo.shared_prefix, algo.compile) == (shared, compiled)
+
+
+def test_train_compile_happens_in_setup_so_that_spawned_processes_keep_it():
+    """ddp_spawn pickles the module to its processes, and a pickled module loses a compiled
+    forward: the module compiles in setup (which runs in each process), not in __init__."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
+    from grpo_lab.rewards import RewardSet, accuracy_reward
+    from grpo_lab.tasks import ArithmeticTask
+
+    module = GRPOModule(
+        policy=tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1),
+        task=ArithmeticTask(max_operand=9, eval_size=20, seed=0),
+        rewards=RewardSet({"accuracy": accuracy_reward}),  # picklable, as spawn needs
+        sampler=KVCacheSampler(max_new_tokens=4),
+        algo=AlgoConfig(G=4, beta=0.04, compile=True),
+        optim=OptimConfig(lr=1e-3, total_steps=10),
+    )
+    spawned = ForkingPickler.loads(ForkingPickler.dumps(module))
+    for m in (module, spawned):
+        assert m.policy.model.layers[0].mlp._compiled_call_impl is None
+        m.setup("fit")
+        for model in (m.policy, m.reference):
+            assert model.model.layers[0].mlp._compiled_call_impl is not None
+
+
+def test_an_attention_kernel_the_user_chose_runs_transformers_forward():
+    """policy.attn_implementation=flash_attention_2 (or flex, ...) is transformers' kernel:
+    model_impl=auto then leaves the model to transformers; eager and sdpa compute what the
+    native attention computes."""
+    model = build("llama")
+    for kernel, native_runs in (("sdpa", True), ("eager", True), ("flex_attention", False)):
+        model.config._attn_implementation = kernel
+        assert (native.llama_parts(model) is not None) == native_runs, kernel

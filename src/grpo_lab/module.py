@@ -159,10 +159,7 @@ class GRPOModule(L.LightningModule):
             )
         if self.has_reference and not lora_base_is_reference:
             self.reference = reference if reference is not None else frozen_copy(self.policy)
-        if algo.compile:
-            for model in (self.policy, self.reference):
-                if model is not None:
-                    native.compile_model(model, self.model_impl)
+        self._compiled = False  # train.compile: done once, in setup
         self.rollouts_done = 0
         self.skipped_steps_total = 0  # optimizer steps skipped for a non-finite gradient
         self.consecutive_skipped_steps = 0
@@ -175,6 +172,15 @@ class GRPOModule(L.LightningModule):
         self.last_eval: tuple[int, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ Lightning plumbing
+
+    def setup(self, stage: str) -> None:
+        # Compiled here, not in __init__: ddp_spawn pickles the module to its processes, and a
+        # pickled module loses its compiled forward.
+        if self.algo.compile and not self._compiled:
+            self._compiled = True
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    native.compile_model(model, self.model_impl)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -102,6 +102,14 @@ def log_config(
         retry_locked(lambda: logger.experiment.log_artifact(logger.run_id, str(path)))
 
 
+def set_tags(logger: MLFlowLogger, tags: Mapping[str, str]) -> None:
+    """Tag the logger's MLflow run (retrying while the store is locked)."""
+    for key, value in tags.items():
+        retry_locked(
+            lambda key=key, value=value: logger.experiment.set_tag(logger.run_id, key, value)
+        )
+
+
 def note_resume(logger: MLFlowLogger, ckpt: Path, changes: Mapping[str, Any]) -> None:
     """Tag a resumed run with its checkpoint and the keys this start changed (its params keep
     the first start's values): ``grpo_lab.resumed_from``, ``grpo_lab.resume_changes``."""

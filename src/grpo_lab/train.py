@@ -223,6 +223,11 @@ def train(cfg: DictConfig) -> float:
         # Until the training loop takes over (StopOnSignal), a signal stops the run at once.
         with faults.signal_handlers(faults.raise_interrupted):
             tracking.log_config(logger, cfg, run.data.params if run is not None else None)
+            if run is None and distributed.launched_rank() == 0:
+                # params hold "auto"; the tag says what it resolved to for this run
+                tracking.set_tags(
+                    logger, {"grpo_lab.shared_prefix": str(resolve_shared_prefix(cfg)).lower()}
+                )
             if run is not None and distributed.launched_rank() == 0:
                 tracking.note_resume(logger, ckpt, {k: now for k, (_, now) in changed.items()})
             objective = _fit(cfg, logger, out, str(ckpt) if ckpt else None)

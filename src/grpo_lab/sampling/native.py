@@ -59,6 +59,10 @@ def llama_parts(model: nn.Module) -> LlamaParts | None:
         return None
     if _sliding_window_in_effect(config):
         return None
+    # An attention kernel the user chose (policy.attn_implementation=flash_attention_2, ...)
+    # is transformers'; eager and sdpa compute what the native attention (SDPA) computes.
+    if getattr(config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
+        return None
     # The native attention has no dropout (GRPOModule keeps the policy in eval mode anyway).
     if model.training and getattr(config, "attention_dropout", 0.0):
         return None
