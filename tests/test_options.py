@@ -397,8 +397,16 @@ def test_later_minibatches_of_a_rollout_use_the_sampling_policy_as_pi_old():
     # mu = 1 with 2 mini-batches of 4 of the 8 completions: two optimizer steps per rollout, so
     # mini-batch 2 runs on a policy that has moved since sampling and must be clipped against
     # pi_old = the sampling policy, not against itself (ratio 1).
+    # Rows, not groups, are shuffled into the mini-batches (shared_prefix=auto would turn the
+    # prefix sharing on for these whole-group mini-batches and shuffle groups instead).
     module = attach(
-        make_module("kl=none", "train.minibatch_size=4", lr=1e-2, rewards=Scripted(REWARDS))
+        make_module(
+            "kl=none",
+            "train.minibatch_size=4",
+            "train.shared_prefix=false",
+            lr=1e-2,
+            rewards=Scripted(REWARDS),
+        )
     )
     sampling_policy = copy.deepcopy(module.policy)
     rollout = module.make_rollout(EXAMPLES)
