@@ -260,3 +260,30 @@ def test_full_disk_during_a_save_keeps_the_earlier_last_ckpt_intact(tmp_path):
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_a_checkpoint_gets_the_mode_any_new_file_gets(tmp_path):
+    """mkstemp makes its file 0600; the renamed checkpoint must be readable as a file written
+    the ordinary way is (0666 less the umask): another user's eval, a shared results dir."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from grpo_lab.faults import AtomicCheckpointIO
+
+    trainer = L.Trainer(
+        plugins=[AtomicCheckpointIO()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.strategy.connect(BoringModel())
+    old = os.umask(0o027)
+    try:
+        trainer.save_checkpoint(tmp_path / "last.ckpt")
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "last.ckpt").stat().st_mode & 0o777
+    assert mode == 0o640 == (tmp_path / "plain").stat().st_mode & 0o777, oct(mode)
