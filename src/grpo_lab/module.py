@@ -38,7 +38,7 @@ class AlgoConfig:
     microbatch_size: completions per forward/backward (divides minibatch_size).
     shared_prefix: each forward runs a group's prompt once for its G completions (mini- and
     micro-batches are then whole groups, and mini-batches shuffle groups, not rows).
-    compile: torch.compile the forwards (``train.compile``; see ``compile_forwards``).
+    compile: torch.compile the forwards (``train.compile``; see ``native.compile_model``).
     """
 
     G: int = 8

@@ -95,7 +95,7 @@ class KVCacheSampler(SamplingSettings):
             token = token.masked_fill(finished, pad)
             tokens.append(token)
             logps.append(logp)
-            done = self._ends(tokens, token, ~finished, eos_ids) & ~finished
+            done = self._ends(tokens, token, ~finished, eos_ids)
             end[done] = t
             finished |= done
             if finished.all() or t == self.max_new_tokens - 1:

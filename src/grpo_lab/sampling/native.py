@@ -423,9 +423,10 @@ def _shared_prompt_attention(
     N = kp.shape[0] * G
     n, Hkv, rep, D = q.shape
     full = n == N  # no row has left yet: rows are 0..N-1 in order
-    bias = cache.prompt_bias.repeat_interleave(G, 0)[:, None, None, :]  # (N, 1, 1, P)
     q_all = q if full else q.new_zeros(N, Hkv, rep, D).index_copy(0, rows, q)
-    to_prompt = _by_row(_by_group(q_all, G) @ kp.transpose(2, 3), G) + bias  # (N, .., P)
+    # per group: (B, Hkv, G*rep, P) scores, the prompt's padding masked by its (B, P) bias
+    scores = _by_group(q_all, G) @ kp.transpose(2, 3) + cache.prompt_bias[:, None, None, :]
+    to_prompt = _by_row(scores, G)  # (N, Hkv, rep, P)
     if not full:
         to_prompt = to_prompt[rows]
     to_self = q @ keys.transpose(2, 3)  # (n, Hkv, rep, t + 1)
