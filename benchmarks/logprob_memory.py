@@ -5,7 +5,7 @@ Each variant runs in a fresh Python process and reports the growth of its peak r
 the model, the batch), so the figures are the pass's own peak. Variants:
   full logits: the code before the chunked head (grpo_lab commit b4d6b51): the model's forward
       returns (N, T + 1, V) logits and a float32 log-softmax gathers the tokens;
-  chunked:     ``grpo_lab.sampling.forward.completion_logprobs``: hidden states at real tokens,
+  chunked:     ``grpo_lab.policy.forward.completion_logprobs``: hidden states at real tokens,
       projected to the vocabulary chunk by chunk (``CHUNK_ELEMENTS``);
 each for the reference pass (no grad, as pi_ref and pi_old run) and the policy pass (forward
 and backward, with entropy, as the update runs), plain and with the shared prefix.
@@ -36,7 +36,7 @@ def _old_completion_logprobs(model, c, temperature=1.0, with_entropy=False):
     import torch
 
     from grpo_lab.objective import selective_log_softmax, token_entropy
-    from grpo_lab.sampling.forward import position_ids_from_mask
+    from grpo_lab.policy.forward import position_ids_from_mask
 
     T = c.completion_ids.shape[1]
     input_ids = torch.cat([c.prompt_ids, c.completion_ids], dim=1)
@@ -66,7 +66,7 @@ def _worker(variant: str, grad: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from grpo_lab.sampling.base import Completions
-    from grpo_lab.sampling.forward import completion_logprobs
+    from grpo_lab.policy.forward import completion_logprobs
 
     s = dict(SHAPE, vocab=320) if variant == "body only" else SHAPE
     torch.manual_seed(0)

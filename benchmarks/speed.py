@@ -257,29 +257,39 @@ def run_grpo_lab(
 ):
     """GRPOModule under a real Lightning Trainer; phases from its perf/<phase>_s metrics."""
     import lightning as L
+    from hydra import compose, initialize_config_dir
 
     from grpo_lab.data import TaskDataModule
-    from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
-    from grpo_lab.rewards import RewardSet, accuracy_reward
-    from grpo_lab.sampling import GenerateSampler, KVCacheSampler
+    from grpo_lab.paths import config_dir
+    from grpo_lab.train import build_module
 
-    samplers = {"generate": GenerateSampler, "kv_cache": KVCacheSampler}
     task = FixedPrompts(prompts)
-    module = GRPOModule(
-        policy=load_pretrained(str(model_dir), model_impl=model_impl),
-        task=task,
-        rewards=RewardSet({"accuracy": accuracy_reward}),
-        sampler=samplers[sampler_name](max_new_tokens=s.max_new_tokens, temperature=1.0),
-        algo=AlgoConfig(
-            G=s.G,
-            beta=beta,
-            mu=1,
-            max_grad_norm=1.0,
-            seed=s.seed,
-            shared_prefix=shared_prefix,
-            compile=compile,
-        ),
-        optim=OptimConfig(lr=s.lr, warmup_steps=0, scheduler="constant"),
+    # The module as `grpo-lab train` builds it, from the composed config with these settings
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"G={s.G}",
+                f"beta={beta}",
+                "mu=1",
+                f"seed={s.seed}",
+                "reward=accuracy",
+                f"sampler={sampler_name}",
+                f"sampler.max_new_tokens={s.max_new_tokens}",
+                "sampler.temperature=1.0",
+                f"train.prompts_per_step={s.prompts}",
+                f"train.rollouts={s.warmup + s.steps}",
+                f"train.lr={s.lr}",
+                "train.warmup_steps=0",
+                "train.scheduler=constant",
+                "train.max_grad_norm=1.0",
+                "train.dynamic_sampling=false",
+                f"train.shared_prefix={str(shared_prefix).lower()}",
+                f"train.compile={str(compile).lower()}",
+            ],
+        )
+    module = build_module(
+        cfg, policy=load_pretrained(str(model_dir), model_impl=model_impl), task=task
     )
     out = Result("grpo_lab", "", beta)  # the caller names the runner
 

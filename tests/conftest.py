@@ -1,4 +1,6 @@
-"""Shared fixtures: a migrated MLflow SQLite store per test, fast-run overrides, the CLI."""
+"""Shared fixtures: a migrated MLflow SQLite store per test, the SFT cache, the CLI (run to the end
+or started in the background), the session's one grid sweep, and the ``gpu`` marker's skip. Plain
+helpers (FAST overrides, compose, a module from the config, a CPU trainer) are in helpers.py."""
 
 from __future__ import annotations
 
@@ -10,40 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Under pytest-xdist the workers share the cores: each worker, and the CLI runs it starts, get
-# their share of torch threads rather than all of them each (oversubscription slows both).
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-THREADS_PER_WORKER = max(1, (os.cpu_count() or 1) // _WORKERS)
-if _WORKERS > 1:
-    import torch
-
-    torch.set_num_threads(THREADS_PER_WORKER)
-
-# Overrides that make `grpo-lab train` finish in seconds: a 10x10 addition table, a short
-# SFT warm start, two rollouts of 4 prompts x 4 completions.
-FAST = [
-    "task.max_operand=9",
-    "task.eval_size=20",
-    "sft.steps=5",
-    "sft.num_examples=50",
-    "train.rollouts=2",
-    "train.prompts_per_step=4",
-    "G=4",
-    "train.eval_every=1",
-    "train.eval_size=8",
-    "train.checkpoint_every=1",
-    "train.log_samples_every=1",
-    "policy.hidden_size=32",
-    "policy.intermediate_size=64",
-    "trainer.enable_progress_bar=false",
-    # The tests pin the GRPO paper's step (the default experiment uses beta 0 and DAPO's dynamic
-    # sampling): with FAST's untrained warm start every group is dead, and dynamic sampling would
-    # resample each rollout 4 times.
-    "beta=0.04",
-    "train.dynamic_sampling=false",
-]
+from helpers import GRID, THREADS_PER_WORKER, GridSweep, cli_env, fast_without, sweep_dir_of
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +69,69 @@ def run_cli(tmp_path, tracking_uri, cache_dir):
         return proc
 
     return run
+
+
+@pytest.fixture
+def start_cli(tmp_path, tracking_uri, cache_dir):
+    """Start the real ``grpo-lab`` in a subprocess inside tmp_path; the caller waits for it
+    (helpers.wait_for). Any process still running at the end of the test is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        env = {
+            **cli_env(tracking_uri, cache_dir),
+            "OMP_NUM_THREADS": str(THREADS_PER_WORKER),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "grpo_lab.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:  # a failed assertion must not leave a training process behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory, mlflow_template, cache_dir) -> GridSweep:
+    """``grpo-lab train -m G=2,4 epsilon=0.1,0.2`` of tiny runs, run once per session (per
+    xdist worker) and shared by the sweep, eval, report and browser tests."""
+    cwd = tmp_path_factory.mktemp("grid-sweep")
+    shutil.copy(mlflow_template, cwd / "mlflow.db")
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    env = cli_env(uri, cache_dir)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpo_lab.cli",
+            "train",
+            "-m",
+            *GRID,
+            *fast_without(*(o.split("=", 1)[0] for o in GRID)),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"grid sweep failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return GridSweep(cwd, uri, sweep_dir_of(cwd), env, proc.stdout)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``gpu`` skip, saying why, where no CUDA device is present."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device (marked gpu)")

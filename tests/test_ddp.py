@@ -15,22 +15,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 from torch.utils.data import DataLoader
 
-from conftest import FAST
 from grpo_lab import distributed
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
-from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
-from grpo_lab.paths import config_dir
+from grpo_lab.module import GRPOModule
 from grpo_lab.policy import tiny_llama
 from grpo_lab.sampling import GenerateSampler
 from grpo_lab.sampling.base import Completions
 from grpo_lab.tasks import ArithmeticTask
 from grpo_lab.tasks.base import Example
-from grpo_lab.train import build_rewards
+from helpers import FAST, compose, cpu_trainer, module_of
 
 # The reference model is held in eval mode on purpose (it is never trained).
 pytestmark = [
@@ -68,6 +65,12 @@ class TableSampler:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+
+    def configure(self, tokenizer, model_impl: str) -> None:
+        self.tokenizer = tokenizer
+
+    def weights_changed(self) -> None:
+        """The table does not depend on the weights."""
 
     def sample(self, model, prompt_ids, prompt_mask, num_samples, *, greedy=False) -> Completions:
         tok = self.tokenizer
@@ -142,13 +145,21 @@ class Record(L.Callback):
 
 def make_module(aggregation: str, sampler=None) -> GRPOModule:
     policy = tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1, seed=0)
-    return GRPOModule(
+    return module_of(
+        f"G={G}",
+        "beta=0.04",
+        f"aggregation={aggregation}",
+        "train.max_grad_norm=1.0",
+        "train.lr=3e-3",
+        "train.warmup_steps=0",
+        f"train.rollouts={ROLLOUTS}",
+        "train.dynamic_sampling=false",
+        "train.shared_prefix=false",
+        "sampler.max_new_tokens=6",  # TableSampler's
+        # the config's rewards: the default accuracy + format
         policy=policy,
         task=TASK,
-        rewards=build_rewards(compose_cfg()),  # the default accuracy + format rewards
         sampler=sampler or TableSampler(policy.tokenizer),
-        algo=AlgoConfig(G=G, beta=0.04, aggregation=aggregation, max_grad_norm=1.0),
-        optim=OptimConfig(lr=3e-3, warmup_steps=0, total_steps=ROLLOUTS),
     )
 
 
@@ -157,16 +168,10 @@ def run(module: GRPOModule, data: FixedPrompts, out: Path, devices: int, validat
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # forked ranks inherit it; 2 shared cores
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
         devices=devices,
         strategy="ddp_fork" if devices > 1 else "auto",
         max_steps=len(data.steps),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=1.0 if validate_only else 0,
         # Training prompts come from FixedPrompts; eval is left to Lightning's default (which
         # would put a padding DistributedSampler on the eval prompts) and data.EvalShard.
@@ -236,14 +241,11 @@ def test_rank_metrics_combine_as_means_maxima_and_minima():
     }
 
 
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("option", ["cpu", "gpu", "ddp", "ddp_spawn", "fsdp", "deepspeed"])
 def test_trainer_options_compose(option):
-    cfg = compose_cfg(f"trainer={option}", "trainer.precision=bf16-mixed", "trainer.devices=4")
+    cfg = compose(
+        f"trainer={option}", "trainer.precision=bf16-mixed", "trainer.devices=4", check=False
+    )
     assert cfg.trainer._target_ == "lightning.Trainer"
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 4
     expected = {"cpu": "auto", "gpu": "auto", "deepspeed": "deepspeed_stage_2"}.get(option, option)
@@ -272,7 +274,7 @@ def test_trainer_options_compose(option):
 
 def test_unknown_precision_is_named_with_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"trainer.precision='fp8' is invalid: expected one of "):
-        validate(compose_cfg("trainer.precision=fp8"))
+        validate(compose("trainer.precision=fp8", check=False))
 
 
 @pytest.mark.parametrize(
@@ -280,7 +282,7 @@ def test_unknown_precision_is_named_with_the_allowed_ones():
     [("ddp", 2, True), ("ddp", 1, False), ("ddp_spawn", 2, False), ("auto", 1, False)],
 )
 def test_a_sweep_refuses_a_strategy_that_re_runs_the_command(strategy, devices, refused):
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False)
+    trainer = cpu_trainer(devices=devices, strategy=strategy)
     # a single run may re-run its command
     distributed.check_launch(trainer, False, strategy, devices)
     if refused:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from conftest import FAST
+from helpers import FAST
 
 
 def metric_histories(tracking_uri: str) -> dict[str, dict[str, list[tuple[int, float]]]]:

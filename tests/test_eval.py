@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from grpo_lab.evaluate import pass_at_k
-from test_sweep import GridSweep, shared_grid_sweep
+from helpers import GridSweep
 
 
 def test_pass_at_k_matches_hand_computation():
@@ -32,11 +32,6 @@ def test_pass_at_k_rejects_k_outside_1_to_n():
         pass_at_k(8, 1, 9)
     with pytest.raises(ValueError, match=r"c=9 is invalid"):
         pass_at_k(8, 9, 2)
-
-
-@pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory, mlflow_template, cache_dir) -> GridSweep:
-    return shared_grid_sweep(tmp_path_factory, mlflow_template, cache_dir)
 
 
 def run_eval(sweep: GridSweep, *args: str) -> subprocess.CompletedProcess:

@@ -11,62 +11,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import FAST, THREADS_PER_WORKER
+from helpers import FAST, cpu_trainer, wait_for
 
 LONG = [o for o in FAST if not o.startswith("train.rollouts=")] + ["train.rollouts=200"]
-
-
-@pytest.fixture
-def start_cli(tmp_path, tracking_uri, cache_dir):
-    """Start the real ``grpo-lab`` in a subprocess inside tmp_path; the caller waits for it."""
-    procs: list[subprocess.Popen] = []
-
-    def start(*args: str) -> subprocess.Popen:
-        env = {
-            **os.environ,
-            "MLFLOW_TRACKING_URI": tracking_uri,
-            "GRPO_LAB_CACHE": str(cache_dir),
-            "HYDRA_FULL_ERROR": "1",
-            "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": str(THREADS_PER_WORKER),
-        }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "grpo_lab.cli", *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:  # a failed assertion must not leave a training process behind
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def wait_for(proc: subprocess.Popen, find, timeout: float = 300) -> Path:
-    """Poll until ``find()`` returns a path; fail with the process's output if it exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = find()
-        if found:
-            return found
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"exited {proc.returncode} early\n{out[-3000:]}\n{err[-5000:]}")
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for the run to write checkpoints")
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
@@ -265,19 +218,11 @@ def test_full_disk_during_a_save_keeps_the_earlier_last_ckpt_intact(tmp_path):
 def test_a_checkpoint_gets_the_mode_any_new_file_gets(tmp_path):
     """mkstemp makes its file 0600; the renamed checkpoint must be readable as a file written
     the ordinary way is (0666 less the umask): another user's eval, a shared results dir."""
-    import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     from grpo_lab.faults import AtomicCheckpointIO
 
-    trainer = L.Trainer(
-        plugins=[AtomicCheckpointIO()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = cpu_trainer(plugins=[AtomicCheckpointIO()], default_root_dir=str(tmp_path))
     trainer.strategy.connect(BoringModel())
     old = os.umask(0o027)
     try:

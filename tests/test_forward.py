@@ -1,4 +1,4 @@
-"""The training forwards (sampling/forward.py) against a plain full-logits forward written here.
+"""The training forwards (policy/forward.py) against a plain full-logits forward written here.
 
 The reference is the obvious computation: every row's prompt and completion through the model's
 own forward, full float64 log-softmax, gather. The shared-prefix forward (each prompt once per
@@ -13,8 +13,8 @@ import torch
 
 from grpo_lab import objective
 from grpo_lab.policy import tiny_llama
+from grpo_lab.policy.forward import completion_logprobs
 from grpo_lab.sampling.base import Completions
-from grpo_lab.sampling.forward import completion_logprobs
 
 B, G, P, T = 3, 4, 7, 6
 PAD = 0
@@ -160,7 +160,7 @@ def test_a_model_whose_logits_are_not_a_plain_head_uses_its_own_logits(model):
             m, c, temperature=TEMPERATURE, with_entropy=True, entropy_grad=True, group_size=G
         )
 
-    from grpo_lab.sampling import forward
+    from grpo_lab.policy import forward
 
     assert not forward._logits_are_linear_head(model)
     _assert_same(_loss_and_grads(model, shared), _loss_and_grads(model, reference))
@@ -210,33 +210,24 @@ def test_shared_prefix_refuses_groups_whose_rows_hold_different_prompts(model):
 
 
 def test_shared_prefix_mini_batches_shuffle_whole_groups():
-    from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
-    from grpo_lab.rewards.combine import RewardSet
-    from grpo_lab.sampling import KVCacheSampler
-    from grpo_lab.tasks import ArithmeticTask
+    from grpo_lab.grpo.batching import Batching
+    from helpers import compose
 
-    def module(shared: bool) -> GRPOModule:
-        return GRPOModule(
-            policy=tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1, seed=0),
-            task=ArithmeticTask(max_operand=9, eval_size=20, seed=0),
-            rewards=RewardSet(
-                {"zero": lambda completions, examples, **ctx: [0.0] * len(completions)}
-            ),
-            sampler=KVCacheSampler(max_new_tokens=3),
-            algo=AlgoConfig(G=4, beta=0.0, shared_prefix=shared),
-            optim=OptimConfig(),
+    def batching(shared: bool) -> Batching:
+        return Batching.from_config(
+            compose("G=4", "train.prompts_per_step=6", "beta=0", f"train.shared_prefix={shared}")
         )
 
     torch.manual_seed(0)
-    order = module(shared=True)._update_order(24, shuffle=True)
+    order = batching(shared=True).order(24, shuffle=True)
     groups = order.view(6, 4)  # each run of G=4 entries: one whole group, rows in order
     assert (groups == groups[:, :1] + torch.arange(4)).all() and (groups[:, 0] % 4 == 0).all()
     assert sorted(order.tolist()) == list(range(24))
     assert groups[:, 0].tolist() != [0, 4, 8, 12, 16, 20]  # shuffled (seed 0: not the identity)
     torch.manual_seed(0)
-    rows = module(shared=False)._update_order(24, shuffle=True)
+    rows = batching(shared=False).order(24, shuffle=True)
     assert sorted(rows.tolist()) == list(range(24))
-    assert module(shared=True)._update_order(8, shuffle=False).tolist() == list(range(8))
+    assert batching(shared=True).order(8, shuffle=False).tolist() == list(range(8))
 
 
 METRICS_COMPARED = [
@@ -273,7 +264,7 @@ def test_a_training_run_logs_the_same_metrics_with_the_shared_prefix_on_and_off(
     in train.shared_prefix; the logged step metrics agree to float tolerance."""
     from mlflow import MlflowClient
 
-    from conftest import FAST
+    from helpers import FAST
 
     histories = {}
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -320,30 +311,20 @@ def _step(metric) -> tuple[int, int]:
     ],
 )
 def test_shared_prefix_with_batches_of_partial_groups_fails_before_compute(overrides, message):
-    from hydra import compose, initialize_config_dir
-
     from grpo_lab.config import ConfigError, validate
-    from grpo_lab.paths import config_dir
+    from helpers import compose
 
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=["train.prompts_per_step=3", "G=4", "train.shared_prefix=true", *overrides],
-        )
+    cfg = compose(
+        "train.prompts_per_step=3", "G=4", "train.shared_prefix=true", *overrides, check=False
+    )
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert message in str(err.value)
 
 
 def test_shared_prefix_accepts_batches_of_whole_groups():
-    from hydra import compose, initialize_config_dir
-
-    from grpo_lab.config import validate
-    from grpo_lab.paths import config_dir
+    from helpers import compose
 
     overrides = ["train.prompts_per_step=4", "G=4", "train.shared_prefix=true"]
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose(
-            "config", overrides=[*overrides, "train.num_minibatches=2", "train.microbatch_size=4"]
-        )
-    validate(cfg)  # 16 completions: mini-batches of 8, micro-batches of 4, all whole groups
+    # 16 completions: mini-batches of 8, micro-batches of 4, all whole groups (compose validates)
+    compose(*overrides, "train.num_minibatches=2", "train.microbatch_size=4")

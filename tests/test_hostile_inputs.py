@@ -325,7 +325,7 @@ def test_model_rewards_score_a_long_completion_by_its_first_max_length_tokens(mo
 
 
 def test_every_printed_and_documented_mlflow_ui_command_binds_to_localhost():
-    from conftest import ROOT
+    from helpers import ROOT
     from grpo_lab import sweep, tracking
 
     assert tracking.ui_command("sqlite:///mlflow.db") == (

@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
-from conftest import FAST
 from grpo_lab.policy import tiny_llama
+from grpo_lab.policy.forward import completion_logprobs
 from grpo_lab.sampling import (
     GenerateSampler,
     KVCacheSampler,
-    completion_logprobs,
     filter_logits,
     sampling_logp_gap,
 )
+from helpers import FAST
 
 PROMPTS = ["1+2=", "abc", "hello world", "x", "12*34="]
 NEG = float("-inf")
@@ -378,7 +378,7 @@ def test_stop_strings_end_a_completion_at_the_token_that_completes_them(policy, 
     # (the char tokenizer has one token per character), listed late-first in the second case
     for stop_strings in ([texts[0][4:6], texts[1][7:9]], [texts[0][8:10], texts[0][2:4]]):
         sampler = sampler_cls(max_new_tokens=16, stop_strings=stop_strings)
-        sampler.tokenizer = tok
+        sampler.configure(tok, "auto")
         c = sampler.sample(model, prompt_ids, prompt_mask, 2, greedy=True)
         for row in range(4):
             n = int(plain.lengths[row])
@@ -400,7 +400,7 @@ def test_sampled_completions_end_at_their_first_stop_string(policy):
     model, tok = policy.model, policy.tokenizer
     prompt_ids, prompt_mask = _encode(tok, PROMPTS)
     sampler = KVCacheSampler(max_new_tokens=20, temperature=1.0, stop_strings=["a", "7"])
-    sampler.tokenizer = tok
+    sampler.configure(tok, "auto")
     torch.manual_seed(0)
     c = sampler.sample(model, prompt_ids, prompt_mask, 8)
     texts = tok.batch_decode(c.completion_ids, skip_special_tokens=True)

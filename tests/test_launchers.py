@@ -14,11 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST
-
-
-def fast_without(*keys: str) -> list[str]:
-    return [o for o in FAST if o.split("=", 1)[0] not in keys]
+from helpers import FAST
 
 
 def child_runs(tracking_uri: str):
@@ -114,7 +110,7 @@ def test_live_workers_get_distinct_gpus_whatever_their_first_job_numbers(tmp_pat
 
 
 def test_gpu_slots_map_onto_the_visible_devices_the_sweep_started_with(tmp_path, monkeypatch):
-    from grpo_lab import sweep
+    from grpo_lab.sweep import gpu_slots as sweep
 
     monkeypatch.setattr(sweep, "_GPU_SLOT", {})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
@@ -145,15 +141,16 @@ def test_sweep_dir_is_the_job_output_dir_less_its_subdir():
 
 def test_bad_gpu_worker_counts_are_refused_with_what_is_allowed(tmp_path, monkeypatch):
     from grpo_lab import sweep
+    from grpo_lab.sweep import gpu_slots
 
-    monkeypatch.setattr(sweep, "_GPU_SLOT", {})
+    monkeypatch.setattr(gpu_slots, "_GPU_SLOT", {})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     with pytest.raises(
         ValueError, match=r"n_jobs=3 is invalid with CUDA_VISIBLE_DEVICES=5,7: expected at most 2"
     ):
-        sweep._device_for_worker(str(tmp_path / "1"), "1", "3")
+        gpu_slots._device_for_worker(str(tmp_path / "1"), "1", "3")
     with pytest.raises(ValueError, match=r"n_jobs=-1 is invalid .*an integer >= 1"):
-        sweep._device_for_worker(str(tmp_path / "1"), "1", "-1")
+        gpu_slots._device_for_worker(str(tmp_path / "1"), "1", "-1")
     with pytest.raises(
         SystemExit, match=r"hydra.launcher.n_jobs=-1 is invalid with hydra/launcher"
     ):

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
-from conftest import FAST
+from grpo_lab.config import ConfigError
 from grpo_lab.data import TaskDataModule
-from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
+from grpo_lab.module import GRPOModule
 from grpo_lab.policy import tiny_llama
+from grpo_lab.policy.forward import completion_logprobs
 from grpo_lab.rewards.combine import RewardSet
-from grpo_lab.sampling import KVCacheSampler, completion_logprobs
+from grpo_lab.sampling import KVCacheSampler
 from grpo_lab.tasks import ArithmeticTask
+from grpo_lab.train import build_module
+from helpers import FAST, compose, cpu_trainer, module_of
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 G = 4
@@ -27,14 +29,28 @@ def lora_policy(seed: int = 0):
     return tiny_llama(hidden_size=32, intermediate_size=64, seed=seed, lora=LORA)
 
 
-def make_module(policy, beta: float = 0.04, **algo) -> GRPOModule:
-    return GRPOModule(
+# The old AlgoConfig(G=4, max_grad_norm=None) / OptimConfig(lr=1e-2) of these tests.
+BASE = (
+    f"G={G}",
+    "train.max_grad_norm=null",
+    "train.dynamic_sampling=false",
+    "train.lr=1e-2",
+    "train.warmup_steps=0",
+    "train.prompts_per_step=2",
+    "sampler.max_new_tokens=6",
+    "policy.lora.enabled=true",
+)
+
+
+def make_module(policy, *overrides: str, beta: float = 0.04) -> GRPOModule:
+    return module_of(
+        *BASE,
+        f"beta={beta}",
+        *overrides,
         policy=policy,
         task=ArithmeticTask(max_operand=9, eval_size=20, seed=0),
         rewards=RewardSet({"ones": count_ones}),
         sampler=KVCacheSampler(max_new_tokens=6, temperature=1.0),
-        algo=AlgoConfig(G=G, beta=beta, max_grad_norm=None, **algo),
-        optim=OptimConfig(lr=1e-2, total_steps=10),
     )
 
 
@@ -63,7 +79,7 @@ def test_the_reference_is_the_base_model_with_adapters_disabled_and_no_copy():
             if "lora_B" in name:
                 p.normal_(std=0.5)
     module = make_module(policy, beta=0.04)
-    assert module.reference is None and module.has_reference
+    assert module.reference_model is None and module.algo.kl.active
     assert sum(1 for _ in module.modules() if isinstance(_, torch.nn.Embedding)) == 1
     torch.manual_seed(0)
     rollout = module.make_rollout(module.task.train()[:3])
@@ -79,23 +95,19 @@ def test_the_reference_is_the_base_model_with_adapters_disabled_and_no_copy():
 
 
 def test_ref_sync_is_refused_with_lora():
+    # the config check refuses it before any compute ...
+    with pytest.raises(ConfigError, match="train.ref_sync_every=2 is invalid with policy.lora"):
+        make_module(lora_policy(), "train.ref_sync_every=2", beta=0.04)
+    # ... and so does the module, built from a config that skipped the check
+    cfg = compose(*BASE, "beta=0.04", "train.ref_sync_every=2", check=False)
     with pytest.raises(ValueError, match="train.ref_sync_every=2 needs a separate reference"):
-        make_module(lora_policy(), beta=0.04, ref_sync_every=2)
+        build_module(cfg, policy=lora_policy(), rewards=RewardSet({"ones": count_ones}))
 
 
 def test_one_grpo_step_moves_the_adapters_and_not_the_base_weights():
     module = make_module(lora_policy(), beta=0.04)
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = cpu_trainer(max_steps=1)
     torch.manual_seed(0)
     trainer.fit(module, datamodule=TaskDataModule(module.task, 2, 4, 4, seed=0))
     assert module.rollouts_done == 1

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from test_sweep import GridSweep, shared_grid_sweep
-
 CHROMIUM = os.environ.get("GRPO_LAB_CHROMIUM", "/usr/bin/chromium")
 ARGS = [
     "--headless",
@@ -50,11 +48,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
         b.close()
-
-
-@pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory, mlflow_template, cache_dir) -> GridSweep:
-    return shared_grid_sweep(tmp_path_factory, mlflow_template, cache_dir)
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""grpo_lab's own forward (sampling/native.py, ``policy.model_impl=auto``) against transformers'.
+"""grpo_lab's own forward (policy/native.py, ``policy.model_impl=auto``) against transformers'.
 
 Every test builds small models of each supported architecture in code: Llama (attention and
 MLP biases, untied head), Mistral (one key/value head for four query heads, tied), Qwen2 (q/k/v
@@ -27,9 +27,10 @@ from transformers import (
     Qwen3Config,
 )
 
-from grpo_lab.policy import char_tokenizer, tiny_llama
+from grpo_lab.policy import char_tokenizer, native, tiny_llama
+from grpo_lab.policy.forward import completion_logprobs
 from grpo_lab.policy.lora import apply_lora
-from grpo_lab.sampling import KVCacheSampler, completion_logprobs, native
+from grpo_lab.sampling import KVCacheSampler
 from grpo_lab.sampling.base import Completions
 
 VOCAB = len(char_tokenizer())  # 100: the char tokenizer decodes every id (stop strings)
@@ -375,7 +376,7 @@ def test_native_and_transformers_sampler_decode_the_same_greedy_tokens(decoding_
     got = {}
     for impl in ("auto", "transformers"):
         sampler = KVCacheSampler(max_new_tokens=T_DECODE)
-        sampler.model_impl = impl
+        sampler.configure(None, impl)
         got[impl] = sampler.sample(model, prompt_ids, prompt_mask, 3, greedy=True)
     for field in ("completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(got["auto"], field), getattr(got["transformers"], field))
@@ -406,7 +407,7 @@ def test_sampled_logp_equals_a_full_forward_over_the_sampled_tokens(
         first = sampler.sample(model, prompt_ids, prompt_mask, 4)
         chars = "".join(tok.batch_decode(first.completion_ids, skip_special_tokens=True))
         sampler.stop_strings = sorted(sorted(set(chars)), key=chars.count)[-2:]
-        sampler.tokenizer = tok
+        sampler.configure(tok, sampler.model_impl)
     torch.manual_seed(1)
     c = sampler.sample(model, prompt_ids, prompt_mask, 4)
     want = _filtered_reference(model, c, 0.8, top_k)
@@ -429,7 +430,7 @@ def test_both_model_impls_sample_the_same_tokens_when_rows_end_early(decoding_mo
     got = {}
     for impl in ("auto", "transformers"):
         sampler = KVCacheSampler(max_new_tokens=T_DECODE, temperature=0.8)
-        sampler.model_impl = impl
+        sampler.configure(None, impl)
         torch.manual_seed(2)
         got[impl] = sampler.sample(model, prompt_ids, prompt_mask, 4)
     auto, theirs = got["auto"], got["transformers"]
@@ -461,13 +462,102 @@ def test_a_long_prompt_is_kept_once_per_group_and_decodes_as_transformers_does(m
     got = {}
     for impl in ("auto", "transformers"):
         sampler = KVCacheSampler(max_new_tokens=8, temperature=0.9)
-        sampler.model_impl = impl
+        sampler.configure(None, impl)
         torch.manual_seed(4)
         got[impl] = sampler.sample(model, prompt_ids, prompt_mask, 4)
     assert shapes and shapes[0][0] == 2  # B prompts, not B*G rows
     auto, theirs = got["auto"], got["transformers"]
     assert torch.equal(auto.completion_ids, theirs.completion_ids)
     torch.testing.assert_close(auto.sampling_logp, theirs.sampling_logp, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- half-precision decode
+# (found in the review of issue 9: each test failed before its fix)
+
+
+def _sample_half(model, prompt_ids, prompt_mask, impl: str):
+    sampler = KVCacheSampler(max_new_tokens=12, temperature=1.0)
+    sampler.configure(None, impl)
+    torch.manual_seed(5)
+    return sampler.sample(model, prompt_ids, prompt_mask, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_half_precision_native_decode_draws_what_transformers_decode_draws(dtype, arch):
+    """bf16/fp16, short prompts (keys per row): the native decode and transformers' decode
+    draw the same tokens from the same uniforms, with the same log-probs, as they do in float32.
+
+    Before the fix the native decode's attention ran as matmuls in the model's dtype: each
+    score q.k (and q itself, scaled by 1/sqrt(D)) was rounded to bf16, 3 significant digits,
+    before the softmax, where SDPA (transformers' decode and the training forward) keeps them
+    in float32. 11 of 16 llama bf16 samples came out different, and the drawn tokens' log-probs
+    sat 2 to 9 times further from what the GRPO step's forward gives them.
+    """
+    model = build(arch).to(dtype)
+    assert native.llama_parts(model) is not None
+    gen = torch.Generator().manual_seed(1)
+    prompt_ids, prompt_mask = _prompts([7, 4, 1, 6], 7, gen)
+    assert prompt_ids.shape[1] < native.SHARED_PROMPT_MIN_TOKENS  # the per-row layout
+    got = _sample_half(model, prompt_ids, prompt_mask, "auto")
+    want = _sample_half(model, prompt_ids, prompt_mask, "transformers")
+    assert want.lengths.float().mean() > 3  # rows decode for several steps
+    assert torch.equal(got.completion_mask, want.completion_mask)
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    torch.testing.assert_close(got.sampling_logp, want.sampling_logp, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows_left", [False, True], ids=["all_rows", "rows_left"])
+def test_shared_prompt_attention_keeps_scores_in_float32(dtype, rows_left):
+    """The long-prompt decode attention (prompt keys once per group) of half-precision keys and
+    values equals a float64 attention over the same inputs to within the output's own rounding
+    (2 units in the last place of dtype), as SDPA's would.
+
+    Before the fix it multiplied q by 1/sqrt(D) and took q.k in the model's dtype, so q and
+    each score were rounded to 8 (bf16) or 11 (fp16) significant bits before the softmax: a
+    score s moves by up to s/512 in bf16, a probability by as much relatively; here the output
+    was off by up to 3863 (bf16) and 741 (fp16) units in the last place of its elements.
+    """
+    gen = torch.Generator().manual_seed(0)
+    B, G, P, T, Hkv, rep, D = 2, 3, 33, 5, 2, 2, 24
+    t = 3  # the completion token being decoded: its keys are in slots 0..t
+    parts = native.LlamaParts(
+        embed=None, layers=[None], norm=None, rotary=None, head=None,
+        num_heads=Hkv * rep, num_kv_heads=Hkv, head_dim=D,
+    )  # fmt: skip
+
+    def randn(*shape):  # large entries: scores of tens, a sharp softmax
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * 2.5).to(dtype)
+
+    cache = native.KVCache(parts, B, G, P, T, torch.zeros(1, dtype=dtype), shared=True)
+    cache.kp[0].copy_(randn(B, Hkv, P, D))
+    cache.vp[0].copy_(randn(B, Hkv, P, D))
+    cache.k[0].copy_(randn(B * G, Hkv, T, D))
+    cache.v[0].copy_(randn(B * G, Hkv, T, D))
+    cache.prompt_bias[0, :5] = float("-inf")  # the first prompt is left-padded by 5
+    if rows_left:
+        cache.keep(torch.tensor([0, 2, 3, 5]))  # rows 1 and 4 finished
+    n = len(cache.rows)
+    q = randn(n, Hkv, rep, D)
+    keys, values = cache.k[0][:, :, : t + 1], cache.v[0][:, :, : t + 1]
+
+    got = native._shared_prompt_attention(q, keys, values, cache, 0)
+
+    # float64: row r (of group r // G) attends to its prompt's real tokens and to its own
+    # completion tokens 0..t, every query head h to key head h // rep
+    want = torch.empty(n, Hkv, rep, D, dtype=torch.float64)
+    for i, r in enumerate(cache.rows.tolist()):
+        b = r // G
+        real = cache.prompt_bias[b] == 0
+        k_all = torch.cat([cache.kp[0][b][:, real], keys[i]], dim=1).double()  # (Hkv, L, D)
+        v_all = torch.cat([cache.vp[0][b][:, real], values[i]], dim=1).double()
+        scores = q[i].double() @ k_all.transpose(1, 2) / D**0.5  # (Hkv, rep, L)
+        want[i] = scores.softmax(-1) @ v_all
+    assert got.dtype == dtype
+    ulp = torch.finfo(dtype).eps * want.abs().clamp(min=torch.finfo(dtype).tiny)
+    err = (got.double() - want).abs() / ulp  # in units in the last place of dtype, about
+    assert err.max() <= 2, f"max error {err.max():.1f} ulp"
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -601,13 +691,10 @@ def test_shared_prefix_under_gradient_checkpointing_in_training_mode():
 
 
 def test_a_bogus_model_impl_is_a_config_error_naming_the_key_and_the_allowed_values():
-    from hydra import compose, initialize_config_dir
-
     from grpo_lab.config import ConfigError, validate
-    from grpo_lab.paths import config_dir
+    from helpers import compose
 
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["policy.model_impl=bogus"])
+    cfg = compose("policy.model_impl=bogus", check=False)
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     message = str(err.value)
@@ -629,26 +716,26 @@ def test_every_forward_of_a_grpo_step_and_of_greedy_eval_follows_policy_model_im
     beta > 0, the training forwards) and a greedy eval. transformers' decoder forward
     (``LlamaModel.forward``, which grpo_lab's own forward never calls: it runs the decoder's
     layers itself) runs at each of these places with "transformers" and at none with "auto"."""
-    import lightning as L
-
     from grpo_lab.data import TaskDataModule
     from grpo_lab.evaluate import greedy_accuracy
-    from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
     from grpo_lab.rewards.combine import RewardSet
-    from grpo_lab.tasks import ArithmeticTask
+    from helpers import FAST, cpu_trainer, module_of
 
     policy = tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1, model_impl=impl)
-    task = ArithmeticTask(max_operand=9, eval_size=20, seed=0)
-    module = GRPOModule(
+    module = module_of(
+        *FAST,  # G=4, beta=0.04, arithmetic up to 9
+        "mu=2",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "train.shared_prefix=false",
+        "sampler=kv_cache",
+        "sampler.max_new_tokens=4",
         policy=policy,
-        task=task,
         rewards=RewardSet(
             {"length": lambda completions, examples, **ctx: [len(c) for c in completions]}
         ),
-        sampler=KVCacheSampler(max_new_tokens=4),
-        algo=AlgoConfig(G=4, beta=0.04, mu=2),
-        optim=OptimConfig(lr=1e-3, total_steps=10),
     )
+    task = module.task
     assert module.sampler.model_impl == impl
     calls: list[str] = []
 
@@ -661,24 +748,18 @@ def test_every_forward_of_a_grpo_step_and_of_greedy_eval_follows_policy_model_im
         policy.model.model.register_forward_hook(
             record(lambda m: "train" if torch.is_grad_enabled() else "policy"), with_kwargs=True
         ),
-        module.reference.model.register_forward_hook(
+        module.reference_model.model.register_forward_hook(
             record(lambda m: "reference"), with_kwargs=True
         ),
     ]
     try:
-        L.Trainer(
-            accelerator="cpu",
-            max_steps=2,  # one rollout: mu = 2 passes of one mini-batch
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        ).fit(module, datamodule=TaskDataModule(task, 2, 4, 4, seed=0))
+        cpu_trainer(max_steps=2).fit(  # one rollout: mu = 2 passes of one mini-batch
+            module, datamodule=TaskDataModule(task, 2, 4, 4, seed=0)
+        )
         assert module.last_rollout.old_logp is not None and module.last_rollout.ref_logp is not None
         in_training = set(calls)
         sampler = KVCacheSampler(max_new_tokens=4)
-        sampler.model_impl = "transformers" if impl == "auto" else "auto"
+        sampler.configure(None, "transformers" if impl == "auto" else "auto")
         calls.clear()
         greedy_accuracy(policy, task.eval()[:4], task, sampler)
         in_eval = set(calls)
@@ -729,7 +810,7 @@ def test_a_training_run_logs_the_same_metrics_with_either_model_impl(
     evals) that differ only in policy.model_impl: every metric but perf/* agrees."""
     from mlflow import MlflowClient
 
-    from conftest import FAST
+    from helpers import FAST
 
     run_cli("train", "-m", *FAST, *overrides, "policy.model_impl=transformers,auto")
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -802,18 +883,13 @@ def test_train_compile_compiles_the_forward_and_changes_no_number(impl):
 )
 def test_the_config_reaches_the_step_as_it_says(overrides, shared, compiled):
     """train.shared_prefix=auto is on exactly when every mini- and micro-batch holds whole
-    groups; train.compile reaches AlgoConfig."""
-    from hydra import compose, initialize_config_dir
+    groups; train.compile reaches the module."""
+    from grpo_lab.train import build_module
+    from helpers import compose
 
-    from grpo_lab.config import validate
-    from grpo_lab.paths import config_dir
-    from grpo_lab.train import algo_config
-
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    validate(cfg)
-    algo = algo_config(cfg)
-    assert (algo.shared_prefix, algo.compile) == (shared, compiled)
+    module = build_module(compose(*overrides))
+    assert (module.algo.batching.shared, module.train_cfg.compile) == (shared, compiled)
+    assert (module.algo.group_size is not None) == shared  # what the forwards are given
 
 
 def test_train_compile_happens_in_setup_so_that_spawned_processes_keep_it():
@@ -821,23 +897,20 @@ def test_train_compile_happens_in_setup_so_that_spawned_processes_keep_it():
     forward: the module compiles in setup (which runs in each process), not in __init__."""
     from multiprocessing.reduction import ForkingPickler
 
-    from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
-    from grpo_lab.rewards import RewardSet, accuracy_reward
-    from grpo_lab.tasks import ArithmeticTask
+    from helpers import FAST, module_of
 
-    module = GRPOModule(
-        policy=tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1),
-        task=ArithmeticTask(max_operand=9, eval_size=20, seed=0),
-        rewards=RewardSet({"accuracy": accuracy_reward}),  # picklable, as spawn needs
-        sampler=KVCacheSampler(max_new_tokens=4),
-        algo=AlgoConfig(G=4, beta=0.04, compile=True),
-        optim=OptimConfig(lr=1e-3, total_steps=10),
+    module = module_of(
+        *FAST,  # G=4, beta=0.04: a reference model to compile too
+        "policy.num_layers=1",
+        "reward=accuracy",  # picklable, as spawn needs
+        "sampler.max_new_tokens=4",
+        "train.compile=true",
     )
     spawned = ForkingPickler.loads(ForkingPickler.dumps(module))
     for m in (module, spawned):
         assert m.policy.model.layers[0].mlp._compiled_call_impl is None
         m.setup("fit")
-        for model in (m.policy, m.reference):
+        for model in (m.policy, m.reference_model):
             assert model.model.layers[0].mlp._compiled_call_impl is not None
 
 
@@ -849,3 +922,39 @@ def test_an_attention_kernel_the_user_chose_runs_transformers_forward():
     for kernel, native_runs in (("sdpa", True), ("eager", True), ("flex_attention", False)):
         model.config._attn_implementation = kernel
         assert (native.llama_parts(model) is not None) == native_runs, kernel
+
+
+# --------------------------------------------------------------------------- CUDA kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])  # 4 query heads on 1 and on 2 key heads
+def test_native_forward_and_decode_run_on_cudas_fused_attention_kernels(arch):
+    """With the math kernel switched off, the native training forward and decode still run on
+    CUDA, in bf16, for grouped-query models: their attention goes to a fused kernel (memory
+    efficient or cuDNN), as transformers' does.
+
+    The native attention passes a mask (padding, causal) and enable_gqa=True; CUDA's fused
+    kernels take no mask with enable_gqa, so SDPA fell back to its math kernel, which holds
+    every (query, key) score (in float32 for half inputs) and keeps them for the backward: for a micro-batch of
+    8 completions of 2048 tokens after a 512-token prompt, 28 heads, that is 4.7 GB per layer.
+    Here the fallback is forbidden, so the old code raised "No available kernel".
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = build(arch).to("cuda", torch.bfloat16)
+    assert native.llama_parts(model) is not None
+    c = random_completions(4)
+    c = type(c)(**{k: v.cuda() if v is not None else None for k, v in vars(c).items()})
+    gen = torch.Generator().manual_seed(1)
+    prompt_ids, prompt_mask = _prompts([40, 37, 1, 39], 40, gen)
+    fused = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused):
+        logp, _ = completion_logprobs(model, c, group_size=4, model_impl="auto")
+        logp.sum().backward()
+        for width in (7, 40):  # the per-row and the per-group prompt layouts
+            ids, mask = prompt_ids[:, -width:].cuda(), prompt_mask[:, -width:].cuda()
+            KVCacheSampler(max_new_tokens=6).sample(model, ids, mask, 4)
+    want, _ = completion_logprobs(model, c, group_size=4, model_impl="transformers")
+    real = c.completion_mask.bool()
+    torch.testing.assert_close(logp[real], want[real].detach(), rtol=0, atol=0.1)

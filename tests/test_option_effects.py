@@ -1,7 +1,7 @@
 """Every option is a claim: a one-step run with it and one without, on the same rollout.
 
 Each test builds a real ``GRPOModule`` from the real config tree (Hydra compose, then
-``algo_config`` / ``optim_config`` / ``instantiate`` exactly as ``grpo-lab train`` does), feeds
+``train.build_module`` exactly as ``grpo-lab train`` does), feeds
 it one fixed, hand-made rollout, and lets a real Lightning ``Trainer`` take the optimizer step.
 What the step did (the gradient it left in ``p.grad``, the weights it moved, the AdamW state,
 the learning rate) is compared with an independent float64 re-computation written here from
@@ -32,6 +32,7 @@ Options of the README's tables that are pinned elsewhere:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -39,18 +40,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from conftest import FAST
-from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
+from grpo_lab.grpo.rollout import rollout_stats
+from grpo_lab.grpo.types import Rollout
 from grpo_lab.instantiate import instantiate
-from grpo_lab.module import GRPOModule, Rollout
-from grpo_lab.paths import config_dir
+from grpo_lab.module import GRPOModule
+from grpo_lab.policy.forward import completion_logprobs
 from grpo_lab.rewards.combine import RewardSet
-from grpo_lab.sampling.base import Completions, completion_logprobs
-from grpo_lab.train import algo_config, build_rewards, optim_config
+from grpo_lab.sampling.base import Completions
+from grpo_lab.train import build_module, build_rewards
+from helpers import FAST, compose, cpu_trainer
 
 # The reference model is held in eval mode on purpose (it is never trained).
 pytestmark = pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")
@@ -73,23 +74,13 @@ BASE = [
 
 
 def cfg_of(*overrides: str):
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=[*BASE, *overrides])
-    validate(cfg)
-    return cfg
+    """The composed and validated config: BASE, then ``overrides``."""
+    return compose(*BASE, *overrides)
 
 
 def module_of(*overrides: str, rewards=None) -> GRPOModule:
     """A GRPOModule built from the composed config, as ``train._fit`` builds it."""
-    cfg = cfg_of(*overrides)
-    return GRPOModule(
-        policy=instantiate(cfg.policy),
-        task=instantiate(cfg.task),
-        rewards=rewards or build_rewards(cfg),
-        sampler=instantiate(cfg.sampler),
-        algo=algo_config(cfg),
-        optim=optim_config(cfg),
-    )
+    return build_module(cfg_of(*overrides), rewards=rewards)
 
 
 # --------------------------------------------------------------------------- the fixed rollout
@@ -149,16 +140,17 @@ def fixed_rollout(module: GRPOModule, *, old: bool = False, ref: bool = False) -
         texts=tok.batch_decode(ids, skip_special_tokens=True),
         rewards=rewards,
         per_fn={"fixed": rewards},
+        reward_errors={},
         advantages=torch.tensor(ADV),
     )
-    rollout.stats = module._rollout_stats(rollout)
     with torch.no_grad():
         logp, _ = completion_logprobs(module.policy, completions)
-    if old:
-        rollout.old_logp = logp - LOG_RHO.float()
-    if ref:
-        rollout.ref_logp = logp - LOG_REF.float()
-    return rollout
+    return dataclasses.replace(
+        rollout,
+        stats=rollout_stats(rollout, G),
+        old_logp=logp - LOG_RHO.float() if old else None,
+        ref_logp=logp - LOG_REF.float() if ref else None,
+    )
 
 
 class LrLog(L.Callback):
@@ -178,17 +170,7 @@ class LrLog(L.Callback):
 def run_steps(module: GRPOModule, rollout: Rollout, steps: int = 1, callbacks=()) -> L.Trainer:
     """A real Lightning fit of ``steps`` GRPO steps, each on ``rollout`` instead of a sample."""
     module.make_rollout = lambda examples: copy.copy(rollout)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-    )
+    trainer = cpu_trainer(max_steps=steps, callbacks=list(callbacks))
     trainer.fit(module, datamodule=TaskDataModule(module.task, 1, 4, 4, seed=0))
     return trainer
 
@@ -269,10 +251,16 @@ def flat(grads: dict, names) -> torch.Tensor:
 # "ref", and the formula the step would follow if the option silently did the default)
 LOSS_OPTIONS = [
     (["epsilon=0.1"], dict(eps_low=0.1, eps_high=0.1), "old", {}),
-    (["loss.epsilon_low=0.3"], dict(eps_low=0.3), "old", {}),
-    (["loss.epsilon_high=0.28"], dict(eps_high=0.28), "old", {}),
-    (["loss.dual_clip=3"], dict(dual_clip=3.0), "old", {}),
-    (["loss.ratio_level=sequence"], dict(ratio_level="sequence"), "old", {}),
+    (["surrogate.epsilon_low=0.3"], dict(eps_low=0.3), "old", {}),
+    (["surrogate.epsilon_high=0.28"], dict(eps_high=0.28), "old", {}),
+    (["surrogate.dual_clip=3"], dict(dual_clip=3.0), "old", {}),
+    # GSPO's sequence ratio with the token-level default's clip range 0.2
+    (
+        ["surrogate=gspo", "surrogate.epsilon_low=0.2", "surrogate.epsilon_high=0.2"],
+        dict(ratio_level="sequence"),
+        "old",
+        {},
+    ),
     # a random policy is near the entropy maximum, where H's gradient is small: a large coef
     (["loss.entropy_coef=5"], dict(entropy_coef=5.0), "", {}),
     (["kl=k1", "beta=0.5"], dict(beta=0.5, kl="k1"), "ref", dict(beta=0.5, kl="k3")),
@@ -280,11 +268,16 @@ LOSS_OPTIONS = [
     (["kl=k3", "beta=0.5"], dict(beta=0.5, kl="k3"), "ref", dict(beta=0.04, kl="k3")),
     # kl.mode=reward: the KL enters the rewards (make_rollout), never the loss
     (["kl=k3", "beta=0.5", "kl.mode=reward"], dict(), "ref", dict(beta=0.5, kl="k3")),
-    (["loss=token_mean"], dict(aggregation="token_mean"), "", {}),
-    (["loss=seq_mean_token_sum_norm"], dict(aggregation="seq_mean_token_sum_norm"), "", {}),
+    (["aggregation=token_mean"], dict(aggregation="token_mean"), "", {}),
+    (
+        ["aggregation=seq_mean_token_sum_norm"],
+        dict(aggregation="seq_mean_token_sum_norm"),
+        "",
+        {},
+    ),
     (["loss.mask_truncated=true"], dict(mask_truncated=True), "", {}),
     (
-        ["loss=token_mean", "loss.mask_truncated=true"],
+        ["aggregation=token_mean", "loss.mask_truncated=true"],
         dict(aggregation="token_mean", mask_truncated=True),
         "",
         dict(aggregation="token_mean"),
@@ -572,16 +565,11 @@ def test_cli_prompts_per_step_rollouts_and_lr_reach_the_run(run_cli, tracking_ur
 @pytest.mark.parametrize(("value", "expected"), [("null", "sdpa"), ("eager", "eager")])
 def test_pretrained_attn_implementation_picks_the_attention_kernel(tmp_path, value, expected):
     instantiate(cfg_of().policy).save(tmp_path)
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                "policy=pretrained",
-                f"policy.name_or_path={tmp_path}",
-                f"policy.attn_implementation={value}",
-            ],
-        )
-    validate(cfg)
+    cfg = compose(
+        "policy=pretrained",
+        f"policy.name_or_path={tmp_path}",
+        f"policy.attn_implementation={value}",
+    )
     assert instantiate(cfg.policy).model.config._attn_implementation == expected
 
 

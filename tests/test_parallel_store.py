@@ -11,20 +11,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from conftest import FAST
-from grpo_lab.paths import config_dir
+from helpers import compose, fast_without
 
 # MLflow sets SQLite's busy timeout to 20 s (PRAGMA busy_timeout in mlflow/store/db/utils.py);
 # a write that waits longer for the lock fails with "database is locked" unless retried.
 LOCK_HELD_S = 22.0
-
-
-def compose_default(*overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def hold_write_lock(db: Path, seconds: float) -> None:
@@ -50,9 +43,7 @@ def test_run_creation_and_per_step_metrics_wait_out_a_locked_store(tmp_path, tra
     from grpo_lab.train import make_logger
 
     def cfg_for(name: str):
-        return compose_default(
-            f"logger.tracking_uri={tracking_uri}", f"paths.output_dir={tmp_path / name}"
-        )
+        return compose(f"logger.tracking_uri={tracking_uri}", f"paths.output_dir={tmp_path / name}")
 
     running = make_logger(cfg_for("running"))
     _ = running.run_id  # the run exists before the lock
@@ -78,10 +69,6 @@ def test_run_creation_and_per_step_metrics_wait_out_a_locked_store(tmp_path, tra
     ]
     assert client.get_run(running.run_id).info.status == "FINISHED"
     assert client.get_run(started["run_id"]).info.status == "RUNNING"
-
-
-def fast_without(*keys: str) -> list[str]:
-    return [o for o in FAST if o.split("=", 1)[0] not in keys]
 
 
 @pytest.mark.slow

@@ -6,11 +6,11 @@ import lightning as L
 import pytest
 
 from grpo_lab.data import TaskDataModule
-from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
 from grpo_lab.policy import tiny_llama
 from grpo_lab.rewards import RewardSet, accuracy_reward
 from grpo_lab.sampling import GenerateSampler
 from grpo_lab.tasks import ArithmeticTask
+from helpers import cpu_trainer, module_of
 
 PHASES = ["sample", "reward", "ref_logprobs", "old_logprobs", "update"]
 
@@ -27,26 +27,22 @@ class StepMetrics(L.Callback):
 
 def one_step(beta: float, mu: int) -> dict[str, float]:
     """The metrics of a one-rollout run: 2 prompts x G=4, tiny model, real Lightning Trainer."""
-    module = GRPOModule(
+    module = module_of(
+        "G=4",
+        f"beta={beta}",
+        f"mu={mu}",
+        "train.prompts_per_step=2",
+        "train.dynamic_sampling=false",
+        "train.lr=1e-4",
+        "train.warmup_steps=0",
+        "sampler.max_new_tokens=4",
         policy=tiny_llama(hidden_size=32, intermediate_size=64),
         task=ArithmeticTask(max_operand=9, eval_size=20),
         rewards=RewardSet({"accuracy": accuracy_reward}),
         sampler=GenerateSampler(max_new_tokens=4),
-        algo=AlgoConfig(G=4, beta=beta, mu=mu),
-        optim=OptimConfig(),
     )
     record = StepMetrics()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=mu,  # one rollout: mu optimizer steps
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[record],
-    )
+    trainer = cpu_trainer(max_steps=mu, callbacks=[record])  # one rollout: mu optimizer steps
     trainer.fit(module, datamodule=TaskDataModule(module.task, 2, 4, 4, seed=0))
     assert len(record.steps) == 1
     return record.steps[0]

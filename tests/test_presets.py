@@ -6,13 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from conftest import FAST
-from grpo_lab.config import validate
+from grpo_lab.grpo.advantages import GroupMean, GroupZScore
+from grpo_lab.grpo.aggregation import SeqMeanTokenMean, SeqMeanTokenSumNorm, TokenMean
+from grpo_lab.grpo.kl import KL
+from grpo_lab.grpo.step import Algorithm
+from grpo_lab.grpo.surrogates import GSPO, PPOClip
 from grpo_lab.paths import config_dir
-from grpo_lab.train import algo_config, optimizer_steps
+from grpo_lab.train import optimizer_steps
+from helpers import FAST, compose
 
 PRESETS = ["dapo", "dr_grpo", "grpo_paper", "gspo"]
 PAPERS = {  # arXiv id each preset must cite
@@ -21,53 +24,54 @@ PAPERS = {  # arXiv id each preset must cite
     "dr_grpo": "2503.20783",
     "gspo": "2507.18071",
 }
-# AlgoConfig fields each preset must set (everything else: the project's defaults)
+# What each preset must set, as the parts it builds (everything else: the project's defaults)
 EXPECTED = {
     "grpo_paper": dict(
-        kl_estimator="k3",
-        kl_mode="loss",
-        beta=0.04,
-        epsilon_low=0.2,
-        epsilon_high=0.2,
+        kl=KL("k3", 0.04, "loss"),
+        surrogate=PPOClip(epsilon_low=0.2, epsilon_high=0.2),
         mu=1,
-        aggregation="seq_mean_token_mean",
-        advantage_scale="group_std",
-        ratio_level="token",
+        aggregation=SeqMeanTokenMean(),
+        advantage=GroupZScore(),
         dynamic_sampling=False,
     ),
     "dapo": dict(
-        beta=0.0,
-        epsilon_low=0.2,
-        epsilon_high=0.28,
-        aggregation="token_mean",
-        advantage_scale="group_std",
+        kl=KL("none", 0.0, "loss"),
+        surrogate=PPOClip(epsilon_low=0.2, epsilon_high=0.28),
+        aggregation=TokenMean(),
+        advantage=GroupZScore(),
         dynamic_sampling=True,
-        ratio_level="token",
     ),
     "dr_grpo": dict(
-        beta=0.0,
+        kl=KL("none", 0.0, "loss"),
         dynamic_sampling=False,
-        advantage_scale="none",
-        aggregation="seq_mean_token_sum_norm",
-        epsilon_low=0.2,
-        epsilon_high=0.2,
+        advantage=GroupMean(),
+        aggregation=SeqMeanTokenSumNorm(max_len=6),  # L_max = sampler.max_new_tokens
+        surrogate=PPOClip(epsilon_low=0.2, epsilon_high=0.2),
     ),
     "gspo": dict(
-        beta=0.0,
+        kl=KL("none", 0.0, "loss"),
         dynamic_sampling=False,
-        ratio_level="sequence",
-        epsilon_low=3e-4,
-        epsilon_high=4e-4,
-        advantage_scale="group_std",
+        surrogate=GSPO(epsilon_low=3e-4, epsilon_high=4e-4),
+        advantage=GroupZScore(),
         minibatch_size=None,
         num_minibatches=4,
     ),
 }
 
 
-def cfg_of(*overrides: str):
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+def settings(cfg) -> dict:
+    """The algorithm's parts built from ``cfg`` as the module builds them, and its knobs."""
+    algo = Algorithm.from_config(cfg)
+    return dict(
+        kl=algo.kl,
+        surrogate=algo.surrogate,
+        advantage=algo.advantage,
+        aggregation=algo.aggregation,
+        mu=algo.mu,
+        minibatch_size=algo.batching.minibatch_size,
+        num_minibatches=algo.batching.num_minibatches,
+        dynamic_sampling=cfg.train.dynamic_sampling,
+    )
 
 
 def test_every_preset_is_listed():
@@ -86,51 +90,51 @@ def test_preset_opens_with_its_paper_and_its_departures(name):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_to_its_paper_settings(name):
-    cfg = cfg_of(f"experiment={name}")
-    validate(cfg)
-    got = algo_config(cfg)
+    got = settings(compose(f"experiment={name}"))  # validated
     for field, value in EXPECTED[name].items():
-        assert getattr(got, field) == pytest.approx(value), field
+        assert got[field] == value, field
+        assert type(got[field]) is type(value), field  # GSPO is a PPOClip: equal is not enough
 
 
 @pytest.mark.parametrize(("B", "G"), [(16, 8), (4, 4), (3, 4)])
 def test_gspo_splits_any_rollout_into_four_minibatches(B, G):
-    cfg = cfg_of("experiment=gspo", f"train.prompts_per_step={B}", f"G={G}", "train.rollouts=10")
-    validate(cfg)  # B*G = 128, 16, 12: each divisible by 4, so each is a valid gspo run
+    cfg = compose("experiment=gspo", f"train.prompts_per_step={B}", f"G={G}", "train.rollouts=10")
+    # validated: B*G = 128, 16, 12: each divisible by 4, so each is a valid gspo run
     assert optimizer_steps(cfg) == 10 * 1 * 4  # rollouts x mu x 4 mini-batches
 
 
 def test_dapo_combines_the_accuracy_format_and_overlong_rewards():
-    reward = cfg_of("experiment=dapo").reward
+    reward = compose("experiment=dapo").reward
     assert sorted(reward.functions) == ["accuracy", "format", "overlong"]
     assert dict(reward.weights) == {"accuracy": 1.0, "format": 0.1, "overlong": 1.0}
     assert reward.functions.overlong._target_ == "grpo_lab.rewards.overlong_penalty"
 
 
 def test_preset_values_give_way_to_the_command_line():
-    cfg = cfg_of("experiment=dapo", "loss.epsilon_high=0.3", "beta=0.01", "kl=k3")
-    got = algo_config(cfg)
-    assert (got.epsilon_high, got.beta, got.kl_estimator) == (0.3, 0.01, "k3")
-    assert got.aggregation == "token_mean"  # the rest of the preset stays
+    got = settings(compose("experiment=dapo", "surrogate.epsilon_high=0.3", "beta=0.01", "kl=k3"))
+    assert (got["surrogate"].epsilon_high, got["kl"].beta, got["kl"].estimator) == (0.3, 0.01, "k3")
+    assert got["surrogate"].epsilon_low == 0.2  # the rest of the preset stays
+    assert got["aggregation"] == TokenMean()
 
 
 def test_default_experiment_is_unchanged_by_the_presets_machinery():
-    got = algo_config(cfg_of())
+    got = settings(compose())
     # conf/config.yaml: beta 0 and dynamic sampling are the tuned defaults (README, "What the
     # default experiment shows"); experiment=grpo_paper restores the paper's beta 0.04
     assert (
-        got.beta,
-        got.dynamic_sampling,
-        got.kl_estimator,
-        got.aggregation,
-        got.advantage_scale,
+        got["kl"],
+        got["dynamic_sampling"],
+        got["aggregation"],
+        got["advantage"],
+        got["surrogate"],
     ) == (
-        0.0,
+        KL("k3", 0.0, "loss"),
         True,
-        "k3",
-        "seq_mean_token_mean",
-        "group_std",
+        SeqMeanTokenMean(),
+        GroupZScore(),
+        PPOClip(epsilon_low=0.2, epsilon_high=0.2),
     )
+    assert not got["kl"].active  # beta 0: no KL term, no reference model
 
 
 # --------------------------------------------------------------------------- through the CLI
@@ -155,23 +159,29 @@ TESTS_ON_PATH = {  # signal_rewards.py sits beside this file
     )
 }
 CLI_PARAMS = {
-    "grpo_paper": {"kl.estimator": "k3", "beta": "0.04", "loss.aggregation": "seq_mean_token_mean"},
+    "grpo_paper": {
+        "kl.estimator": "k3",
+        "beta": "0.04",
+        "kl.beta": "0.04",
+        "aggregation._target_": "grpo_lab.grpo.aggregation.SeqMeanTokenMean",
+    },
     "dapo": {
         "kl.estimator": "none",
         "beta": "0.0",
-        "loss.epsilon_high": "0.28",
-        "loss.aggregation": "token_mean",
+        "surrogate.epsilon_high": "0.28",
+        "aggregation._target_": "grpo_lab.grpo.aggregation.TokenMean",
         "train.dynamic_sampling": "True",
         "reward.weights.overlong": "1.0",
     },
     "dr_grpo": {
-        "advantage.scale": "none",
-        "loss.aggregation": "seq_mean_token_sum_norm",
+        "advantage._target_": "grpo_lab.grpo.advantages.GroupMean",
+        "aggregation._target_": "grpo_lab.grpo.aggregation.SeqMeanTokenSumNorm",
+        "aggregation.max_len": "6",
         "beta": "0.0",
     },
     "gspo": {
-        "loss.ratio_level": "sequence",
-        "loss.epsilon_low": "0.0003",
+        "surrogate._target_": "grpo_lab.grpo.surrogates.GSPO",
+        "surrogate.epsilon_low": "0.0003",
         "beta": "0.0",
         "train.num_minibatches": "4",
         "train.minibatch_size": "None",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import FAST
+from helpers import FAST
 from grpo_lab.policy import load_pretrained, tiny_llama
 from grpo_lab.sampling import KVCacheSampler
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from grpo_lab.evaluate import encode_prompts
-from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
+from grpo_lab.module import GRPOModule
 from grpo_lab.policy import tiny_llama
 from grpo_lab.rewards.combine import RewardSet
 from grpo_lab.sampling import KVCacheSampler
 from grpo_lab.sft import demonstration_batch
 from grpo_lab.tasks import ArithmeticTask, JsonlTask
+from helpers import module_of
 
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -30,13 +31,14 @@ def task(tmp_path):
 
 
 def module_for(policy, task) -> GRPOModule:
-    return GRPOModule(
+    return module_of(
+        "G=2",
+        "beta=0",
+        "sampler.max_new_tokens=2",
         policy=policy,
         task=task,
         rewards=RewardSet({"zero": lambda completions, examples, **ctx: [0.0] * len(completions)}),
         sampler=KVCacheSampler(max_new_tokens=2),
-        algo=AlgoConfig(G=2, beta=0.0),
-        optim=OptimConfig(),
     )
 
 
@@ -49,7 +51,7 @@ def test_sft_grpo_and_eval_render_the_chat_template_the_same_way(task):
     tok = policy.tokenizer
     tok.chat_template = TEMPLATE
     examples = task.train()[:3]
-    ids, mask = module_for(policy, task)._encode_prompts(examples)
+    ids, mask = module_for(policy, task).encode_prompts(examples)
     grpo = _texts(tok, ids, mask)
     assert grpo == [f"<|system|>Be brief.\n<|user|>{ex.prompt}\n<|assistant|>" for ex in examples]
     enc = encode_prompts(policy, examples, task)
@@ -66,7 +68,7 @@ def test_use_chat_template_false_keeps_the_plain_prompt_after_the_system_prompt(
     policy = tiny_llama(hidden_size=32, intermediate_size=64, use_chat_template="false")
     policy.tokenizer.chat_template = TEMPLATE
     examples = task.train()[:2]
-    ids, mask = module_for(policy, task)._encode_prompts(examples)
+    ids, mask = module_for(policy, task).encode_prompts(examples)
     assert _texts(policy.tokenizer, ids, mask) == [f"Be brief.\n{ex.prompt}" for ex in examples]
 
 
@@ -75,7 +77,7 @@ def test_the_char_tokenizer_default_encodes_the_raw_prompt():
     assert policy.use_chat_template == "auto" and not policy.tokenizer.chat_template
     task = ArithmeticTask(max_operand=9, eval_size=5, seed=0)
     examples = task.train()[:3]
-    ids, mask = module_for(policy, task)._encode_prompts(examples)
+    ids, mask = module_for(policy, task).encode_prompts(examples)
     expected = policy.tokenizer(
         [ex.prompt for ex in examples], return_tensors="pt", padding=True, add_special_tokens=False
     )

@@ -15,12 +15,7 @@ from PIL import Image
 from grpo_lab.report import Job, Sweep, load, table, verdicts
 from grpo_lab.report.plots import curves_figure, objective_figure
 from grpo_lab.report.stats import smooth
-from test_sweep import GridSweep, shared_grid_sweep
-
-
-@pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory, mlflow_template, cache_dir) -> GridSweep:
-    return shared_grid_sweep(tmp_path_factory, mlflow_template, cache_dir)
+from helpers import GridSweep
 
 
 def report(sweep: GridSweep, *args: str) -> subprocess.CompletedProcess:

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from grpo_lab.policy import tiny_llama
+from grpo_lab.policy.forward import completion_logprobs
 from grpo_lab.sampling import (
     Completions,
     GenerateSampler,
     KVCacheSampler,
-    completion_logprobs,
     sampling_logp_gap,
     trim_at_eos,
 )
@@ -115,15 +115,16 @@ def _rows(logp: list[list[float]]) -> Completions:
 
 
 def test_minibatches_and_dynamic_sampling_keep_each_rows_sampling_logp():
-    from grpo_lab.module import Rollout, _replace_groups, _select
+    from grpo_lab.grpo.rollout import replace_groups
+    from grpo_lab.grpo.types import Rollout, select_rows
 
     def rollout(c: Completions) -> Rollout:
         n = c.completion_ids.shape[0]
-        return Rollout(c, [None] * n, [""] * n, torch.zeros(n), {}, torch.zeros(n))
+        return Rollout(c, [None] * n, [""] * n, torch.zeros(n), {}, {}, torch.zeros(n))
 
     old = _rows([[-1.0, -1.5], [-2.0, -2.5], [-3.0, -3.5], [-4.0, -4.5]])  # 2 groups of G=2
     fresh = _rows([[-5.0, -5.5, -5.75], [-6.0, -6.5, -6.75]])  # one group, one token longer
-    merged = _replace_groups(rollout(old), rollout(fresh), torch.tensor([False, True]), 2, 0)
+    merged = replace_groups(rollout(old), rollout(fresh), torch.tensor([False, True]), 2, 0)
     # group 0 kept (padded with 0 to the new width, where its mask is 0), group 1 replaced
     assert merged.completions.sampling_logp.tolist() == [
         [-1.0, -1.5, 0.0],
@@ -132,7 +133,7 @@ def test_minibatches_and_dynamic_sampling_keep_each_rows_sampling_logp():
         [-6.0, -6.5, -6.75],
     ]
     assert merged.completions.completion_mask[:2, 2].tolist() == [0, 0]
-    picked = _select(merged.completions, torch.tensor([3, 0]))
+    picked = select_rows(merged.completions, torch.tensor([3, 0]))
     assert picked.sampling_logp.tolist() == [[-6.0, -6.5, -6.75], [-1.0, -1.5, 0.0]]
 
 
@@ -306,7 +307,8 @@ def test_sampler_rejects_bad_settings_naming_the_key(kwargs, key):
 def test_entropy_carries_a_gradient_only_when_asked():
     """Logged entropy stays out of the autograd graph; an entropy bonus gets its gradient."""
     from grpo_lab.policy import tiny_llama
-    from grpo_lab.sampling import Completions, completion_logprobs
+    from grpo_lab.policy.forward import completion_logprobs
+    from grpo_lab.sampling import Completions
 
     policy = tiny_llama(hidden_size=32, intermediate_size=64)
     ids = torch.tensor([[5, 6, 7]])
@@ -330,35 +332,31 @@ def test_the_step_logs_the_gap_of_every_row_once_over_its_real_tokens(sampler_cl
     the gap at each real token is -log of the top-2 mass."""
     import copy
 
-    import lightning as L
-
     from grpo_lab.data import TaskDataModule
-    from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
     from grpo_lab.rewards.combine import RewardSet
-    from grpo_lab.tasks import ArithmeticTask
+    from helpers import cpu_trainer, fast_without, module_of
 
     policy = tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1, seed=0)
     model64 = copy.deepcopy(policy.model).double().eval()
     temperature = 0.7
-    module = GRPOModule(
+    module = module_of(
+        *fast_without("beta"),
+        "beta=0",
+        "mu=2",
+        "train.minibatch_size=4",
+        "train.lr=0.0",  # pi_old stays the sampling policy (a user may not set it: check=False)
+        "train.warmup_steps=0",
+        "train.shared_prefix=false",
+        "sampler.max_new_tokens=5",
+        check=False,
         policy=policy,
-        task=ArithmeticTask(max_operand=9, eval_size=20, seed=0),
         rewards=RewardSet(
             {"length": lambda completions, examples, **ctx: [len(c) for c in completions]}
         ),
         sampler=sampler_cls(max_new_tokens=5, temperature=temperature, top_k=2),
-        algo=AlgoConfig(G=4, beta=0.0, mu=2, minibatch_size=4),
-        optim=OptimConfig(lr=0.0, total_steps=10),
     )
-    L.Trainer(
-        accelerator="cpu",
-        max_steps=2 * 2,  # one rollout: mu passes x (8 rows / 4 per mini-batch)
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    ).fit(module, datamodule=TaskDataModule(module.task, 2, 4, 4, seed=0))
+    trainer = cpu_trainer(max_steps=2 * 2)  # one rollout: mu passes x (8 rows / 4 per mini-batch)
+    trainer.fit(module, datamodule=TaskDataModule(module.task, 2, 4, 4, seed=0))
     rollout = module.last_rollout
     c = rollout.completions
     gaps = []
@@ -371,7 +369,8 @@ def test_the_step_logs_the_gap_of_every_row_once_over_its_real_tokens(sampler_cl
         top2_mass = (logits / temperature).softmax(-1).topk(2, dim=-1).values.sum(-1)
         gaps.append(-top2_mass.log())
     gaps = torch.cat(gaps)  # every real token of every row, once
-    stats = rollout.stats
+    # the step's stats (logged with the rollout's): what inner_updates returned
+    stats = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert stats["sampling/sampling_logp_difference/mean"] == pytest.approx(
         gaps.mean().item(), abs=1e-5
     )
@@ -388,7 +387,7 @@ def test_the_step_logs_the_gap_of_every_row_once_over_its_real_tokens(sampler_cl
 def test_a_training_run_logs_the_sampling_logp_gap_and_top_k_widens_it(run_cli, tracking_uri):
     from mlflow import MlflowClient
 
-    from conftest import FAST
+    from helpers import FAST
 
     overrides = [o for o in FAST if not o.startswith("train.rollouts")]
     run_cli("train", *overrides, "train.rollouts=1", "sampler.top_k=0")

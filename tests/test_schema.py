@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.utils import get_class
 from mlflow import MlflowClient
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from grpo_lab.config import ConfigError, validate
+from grpo_lab.config import PART_GROUPS, ConfigError, validate
+from grpo_lab.grpo.advantages import RLOO, BatchStd, GroupMean, GroupZScore
+from grpo_lab.grpo.aggregation import SeqMeanTokenSumNorm, TokenMean
+from grpo_lab.grpo.batching import Batching
+from grpo_lab.grpo.corrections import NoCorrection
+from grpo_lab.grpo.fields import Range, rule_of
+from grpo_lab.grpo.kl import KL
+from grpo_lab.grpo.loss import LossOptions
+from grpo_lab.grpo.step import Algorithm
+from grpo_lab.grpo.surrogates import GSPO, PPOClip
 from grpo_lab.paths import config_dir
-from grpo_lab.train import algo_config
+from helpers import compose
 
 CONF = config_dir()
+# The algorithm's part groups (``loss`` is a plain node): every option file of each, so an option
+# added to conf/ is checked here without editing this file.
+PART_OPTION_GROUPS = [g for g in PART_GROUPS if g != "loss"]
 GROUP_OPTIONS = {
-    "kl": ["k1", "k2", "k3", "none"],
-    "advantage": ["batch_std", "group", "group_mean", "rloo"],
-    "loss": ["seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean"],
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in PART_OPTION_GROUPS
 }
 
 
-def cfg_of(*overrides: str):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+def cfg_of(*overrides: str) -> DictConfig:
+    return compose(*overrides, check=False)
 
 
 def errors_of(*overrides: str) -> str:
@@ -34,9 +46,19 @@ def errors_of(*overrides: str) -> str:
     return str(err.value)
 
 
-def test_each_group_has_exactly_the_documented_options():
-    for group, options in GROUP_OPTIONS.items():
-        assert sorted(p.stem for p in (CONF / group).glob("*.yaml")) == options
+def test_each_part_group_has_the_options_the_paper_recipes_need():
+    # at least these; a new option file joins the checks below by itself
+    needed = {
+        "kl": {"k1", "k2", "k3", "none"},
+        "advantage": {"batch_std", "group", "group_mean", "rloo"},
+        "surrogate": {"gspo", "ppo_clip"},
+        "aggregation": {"seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean"},
+        "correction": {"none"},
+    }
+    assert set(GROUP_OPTIONS) == set(needed)
+    for group, options in needed.items():
+        assert options <= set(GROUP_OPTIONS[group]), group
+    assert not (CONF / "loss").exists()  # the old loss group is a plain node now
 
 
 @pytest.mark.parametrize(
@@ -45,66 +67,128 @@ def test_each_group_has_exactly_the_documented_options():
 def test_every_option_opens_with_its_formula_and_validates(override):
     group, option = override.split("=")
     text = (CONF / group / f"{option}.yaml").read_text()
-    assert text.startswith("# ") and "=" in text.splitlines()[0]  # a formula on line one
+    assert text.startswith("# ")
+    if not (group == "correction" and option == "none"):  # no correction: nothing to write
+        assert "=" in text.splitlines()[0]  # a formula on line one
+    assert "_target_: grpo_lab.grpo." in text  # a part: its class's fields are its keys
     validate(cfg_of(override))
 
 
 @pytest.mark.parametrize(
-    ("overrides", "field", "expected"),
+    ("overrides", "attr", "expected"),
     [
-        (["kl=k1"], "kl_estimator", "k1"),
-        (["kl=k2", "kl.mode=reward"], "kl_mode", "reward"),
-        (["kl=none", "beta=0.1"], "beta", 0.0),
-        (["kl=k3", "beta=0.1"], "beta", 0.1),
-        (["advantage=group_mean"], "advantage_scale", "none"),
-        (["advantage=batch_std"], "advantage_scale", "batch_std"),
-        (["advantage=rloo"], "advantage_scale", "rloo"),
-        (["advantage.unbiased_std=true"], "unbiased_std", True),
-        (["loss=token_mean"], "aggregation", "token_mean"),
-        (["loss=seq_mean_token_sum_norm"], "aggregation", "seq_mean_token_sum_norm"),
-        (["epsilon=0.3"], "epsilon_high", 0.3),  # epsilon_low/high follow ${epsilon}
-        (["loss.epsilon_high=0.28"], "epsilon_high", 0.28),
-        (["loss.ratio_level=sequence"], "ratio_level", "sequence"),
-        (["loss.dual_clip=3"], "dual_clip", 3),
-        (["loss.entropy_coef=0.01"], "entropy_coef", 0.01),
-        (["loss.mask_truncated=true"], "mask_truncated", True),
-        (["train.ref_sync_mix=0.5"], "ref_sync_mix", 0.5),
-        (["train.dynamic_sampling=true"], "dynamic_sampling", True),
+        (["kl=k1"], "kl", KL("k1", 0.0, "loss")),
+        (["kl=k2", "kl.mode=reward"], "kl", KL("k2", 0.0, "reward")),
+        (["kl=k2", "kl.mode=reward", "beta=0.1"], "kl.loss_beta", 0.0),  # in the reward
+        (["kl=k2", "kl.mode=reward", "beta=0.1"], "kl.in_reward", True),
+        (["kl=none", "beta=0.1"], "kl", KL("none", 0.1, "loss")),
+        (["kl=none", "beta=0.1"], "kl.loss_beta", 0.0),  # kl=none ignores beta ...
+        (["kl=none", "beta=0.1"], "kl.active", False),  # ... and builds no reference
+        (["kl=k3", "beta=0.1"], "kl", KL("k3", 0.1, "loss")),
+        (["kl=k3", "beta=0.1"], "kl.loss_beta", 0.1),
+        (["kl=k3", "kl.beta=0.2"], "kl.beta", 0.2),
+        (["advantage=group"], "advantage", GroupZScore(eps=1e-6, unbiased_std=False)),
+        (["advantage=group_mean"], "advantage", GroupMean()),
+        (["advantage=batch_std"], "advantage", BatchStd()),
+        (["advantage=rloo"], "advantage", RLOO()),
+        (["advantage.unbiased_std=true"], "advantage", GroupZScore(unbiased_std=True)),
+        (["advantage=batch_std", "advantage.eps=0.01"], "advantage", BatchStd(eps=0.01)),
+        (["aggregation=token_mean"], "aggregation", TokenMean()),
+        (["aggregation=seq_mean_token_sum_norm"], "aggregation", SeqMeanTokenSumNorm(max_len=6)),
+        (
+            ["aggregation=seq_mean_token_sum_norm", "sampler.max_new_tokens=9"],
+            "aggregation",
+            SeqMeanTokenSumNorm(max_len=9),  # L_max follows the sampler's budget
+        ),
+        (["surrogate=ppo_clip"], "surrogate", PPOClip(0.2, 0.2, None)),
+        (["epsilon=0.3"], "surrogate", PPOClip(0.3, 0.3)),  # epsilon_low/high follow ${epsilon}
+        (["surrogate.epsilon_high=0.28"], "surrogate", PPOClip(0.2, 0.28)),
+        (["surrogate.dual_clip=3"], "surrogate", PPOClip(0.2, 0.2, 3.0)),
+        (["surrogate=gspo"], "surrogate", GSPO(3e-4, 4e-4)),  # the paper's range, not epsilon
+        (["surrogate=gspo", "epsilon=0.3"], "surrogate", GSPO(3e-4, 4e-4)),
+        (
+            ["surrogate=gspo", "surrogate.epsilon_low=0.2", "surrogate.epsilon_high=0.2"],
+            "surrogate.ratio_level",
+            "sequence",
+        ),
+        (["correction=none"], "correction", NoCorrection()),
+        (["loss.entropy_coef=0.01"], "loss", LossOptions(entropy_coef=0.01)),
+        (["loss.mask_truncated=true"], "loss", LossOptions(mask_truncated=True)),
+        (["G=4", "mu=2"], "mu", 2),
+        (
+            ["G=4", "train.prompts_per_step=4", "train.minibatch_size=8"],
+            "batching",
+            Batching(B=4, G=4, minibatch_size=8),
+        ),
     ],
 )
-def test_algo_config_maps_each_option_to_the_module(overrides, field, expected):
-    assert getattr(algo_config(cfg_of(*overrides)), field) == expected
+def test_each_option_builds_its_part_with_its_values(overrides, attr, expected):
+    got = Algorithm.from_config(compose(*overrides))  # validated, then built as the module does
+    for name in attr.split("."):
+        got = getattr(got, name)
+    assert got == expected
+    assert type(got) is type(expected)  # GSPO is a PPOClip subclass: the class must match too
+
+
+def test_train_knobs_reach_the_module():
+    from grpo_lab.policy import tiny_llama
+    from helpers import module_of
+
+    module = module_of(
+        "train.ref_sync_mix=0.5",
+        "train.dynamic_sampling=true",
+        "train.dynamic_sampling_max_tries=2",
+        "seed=3",
+        policy=tiny_llama(hidden_size=32, intermediate_size=64),
+    )
+    assert module.train_cfg.ref_sync_mix == 0.5
+    ds = module.dynamic_sampling
+    assert (ds.enabled, ds.max_tries, ds.seed) == (True, 2, 3)
 
 
 def test_wrong_types_are_named_with_value_and_what_is_allowed():
-    msg = errors_of("G=abc", "loss.dual_clip=foo", "loss.mask_truncated=yes", "mu=1.5")
+    msg = errors_of("G=abc", "surrogate.dual_clip=foo", "loss.mask_truncated=yes", "mu=1.5")
     assert "G='abc' is invalid: expected an integer >= 2" in msg
-    assert "loss.dual_clip='foo' is invalid: expected null or a number > 1" in msg
+    assert "surrogate.dual_clip='foo' is invalid: expected null or a number > 1" in msg
     assert "loss.mask_truncated='yes' is invalid: expected true or false" in msg
     assert "mu=1.5 is invalid: expected an integer >= 1" in msg
     assert msg.count("\n  ") == 4  # one line per bad key, nothing else flagged
 
 
 def test_option_outside_an_enum_lists_the_allowed_ones():
-    msg = errors_of("kl.estimator=k4", "advantage.scale=zscore", "train.scheduler=cos")
+    msg = errors_of("kl.estimator=k4", "kl.mode=both", "train.scheduler=cos")
     assert "kl.estimator='k4' is invalid: expected one of k1, k2, k3, none" in msg
-    assert (
-        "advantage.scale='zscore' is invalid: expected one of group_std, batch_std, none, rloo"
-        in msg
-    )
+    assert "kl.mode='both' is invalid: expected one of loss, reward" in msg
     assert "train.scheduler='cos' is invalid: expected one of constant, cosine, linear" in msg
 
 
 def test_unknown_and_missing_keys_of_a_group_are_rejected():
-    msg = errors_of("+loss.eps_high=0.3", "~kl.mode")
-    assert "loss.eps_high is not a key of loss; allowed keys: aggregation, epsilon_low, " in msg
+    msg = errors_of("+surrogate.eps_high=0.3", "+loss.epsilon_low=0.1", "~kl.mode")
+    assert (
+        "surrogate.eps_high is not a key of surrogate (PPOClip); allowed keys: epsilon_low, "
+        "epsilon_high, dual_clip" in msg
+    )
+    # the surrogate's knobs left the loss node: it names what it has now
+    assert (
+        "loss.epsilon_low is not a key of loss; allowed keys: entropy_coef, mask_truncated" in msg
+    )
     assert "kl.mode is missing: expected one of loss, reward" in msg
+
+
+def test_an_option_without_fields_takes_no_keys():
+    msg = errors_of("advantage=rloo", "+advantage.eps=0.1")
+    assert "advantage.eps is not a key of advantage (RLOO); allowed keys: none" in msg
+
+
+def test_a_target_that_is_not_a_class_of_grpo_lab_is_named():
+    msg = errors_of("surrogate._target_=grpo_lab.grpo.surrogates.Nope")
+    assert "surrogate._target_='grpo_lab.grpo.surrogates.Nope' is not a class of grpo_lab" in msg
 
 
 def test_a_bad_interpolated_value_is_reported_where_it_lands():
     msg = errors_of("epsilon=wide")
     assert "epsilon='wide' is invalid" in msg
-    assert "loss.epsilon_low='wide' is invalid: expected a number in (0, 1)" in msg
+    assert "surrogate.epsilon_low='wide' is invalid: expected a number in (0, 1)" in msg
 
 
 @pytest.mark.parametrize(
@@ -116,7 +200,8 @@ def test_a_bad_interpolated_value_is_reported_where_it_lands():
         ("train.dynamic_sampling_max_tries=0", "an integer >= 1"),
         ("train.dynamic_sampling=maybe", "true or false"),
         ("advantage.eps=0", "a number > 0"),
-        ("loss.dual_clip=0.5", "null or a number > 1"),
+        ("surrogate.dual_clip=0.5", "null or a number > 1"),
+        ("kl.beta=-1", "a number >= 0"),
         ("G=1", "an integer >= 2"),
     ],
 )
@@ -135,20 +220,34 @@ def test_values_on_the_edge_of_a_range_pass(override):
 
 @pytest.mark.slow
 def test_unknown_group_option_is_rejected_by_the_cli_with_the_available_ones(run_cli):
-    proc = run_cli("train", "loss=nope", check=False, timeout=60)
+    proc = run_cli("train", "surrogate=nope", check=False, timeout=60)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "Could not find 'loss/nope'" in out
-    listed = out.split("Available options in 'loss':", 1)[1].split()[:3]
-    assert sorted(listed) == GROUP_OPTIONS["loss"]
+    assert "Could not find 'surrogate/nope'" in out
+    listed = out.split("Available options in 'surrogate':", 1)[1].split()
+    assert sorted(listed[: len(GROUP_OPTIONS["surrogate"])]) == GROUP_OPTIONS["surrogate"]
+
+
+@pytest.mark.slow
+def test_the_cli_rewrites_an_old_name_and_says_so(run_cli):
+    # `loss=<aggregation>` from before the parts: rewritten to aggregation=..., with a note; an
+    # unknown option then lists the aggregation group's options
+    proc = run_cli("train", "loss=nope", check=False, timeout=60)
+    assert proc.returncode != 0
+    assert "[grpo-lab] note: loss=nope is now aggregation=nope" in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "Could not find 'aggregation/nope'" in out
+    listed = out.split("Available options in 'aggregation':", 1)[1].split()
+    assert sorted(listed[: len(GROUP_OPTIONS["aggregation"])]) == GROUP_OPTIONS["aggregation"]
 
 
 @pytest.mark.slow
 def test_cli_rejects_bad_values_before_any_compute(run_cli, tracking_uri, tmp_path):
-    proc = run_cli("train", "G=abc", "loss.dual_clip=foo", check=False, timeout=60)
+    proc = run_cli("train", "G=abc", "surrogate.dual_clip=foo", check=False, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.startswith("invalid config:\n"), proc.stderr[-3000:]
-    assert "G='abc' is invalid" in proc.stderr and "loss.dual_clip='foo' is invalid" in proc.stderr
+    assert "G='abc' is invalid" in proc.stderr
+    assert "surrogate.dual_clip='foo' is invalid" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     # nothing was started: no MLflow experiment/run, no checkpoint folder
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -163,7 +262,7 @@ def test_cli_rejects_bad_values_before_any_compute(run_cli, tracking_uri, tmp_pa
 SHIPPED = [("config", ())]
 SHIPPED += [
     ("config", (f"{group}={path.stem}",))
-    for group in ("policy", "task", "reward", "sampler", "trainer", "logger")
+    for group in ("policy", "task", "reward", "sampler", "trainer", "logger", *PART_OPTION_GROUPS)
     for path in sorted((CONF / group).glob("*.yaml"))
 ]
 SHIPPED += [("eval", ())]
@@ -188,7 +287,18 @@ NOT_NUMERIC_NULLABLE = {
 @functools.cache
 def compose_shipped(name: str, overrides: tuple[str, ...]):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+        return hydra_compose(name, overrides=list(overrides))
+
+
+def part_rule(cfg: DictConfig, key: str):
+    """The range of a part's field (``grpo.fields``) when ``key`` is one (``surrogate.epsilon_low``),
+    else None: a part's dataclass is its schema, so its numeric fields need no RULES entry."""
+    group, _, name = key.partition(".")
+    if group not in PART_GROUPS or "." in name:
+        return None
+    cls = LossOptions if group == "loss" else get_class(cfg[group]._target_)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return rule_of(fields[name]) if name in fields else None
 
 
 def leaves(node, prefix: str = ""):
@@ -214,8 +324,11 @@ def test_every_numeric_key_of_the_shipped_configs_has_a_rule():
 
     unchecked: dict[str, str] = {}  # key -> the first config it is in
     for name, overrides in SHIPPED:
-        for key, value in leaves(compose_shipped(name, overrides)):
+        cfg = compose_shipped(name, overrides)
+        for key, value in leaves(cfg):
             if not is_numeric_or_null(value) or key in NOT_NUMERIC_NULLABLE:
+                continue
+            if part_rule(cfg, key) is not None:
                 continue
             if not any(fnmatch(key, pattern) for pattern in RULES):
                 unchecked.setdefault(key, f"{name} {' '.join(overrides)}")
@@ -240,7 +353,7 @@ def bad_values(bound) -> list:
         bad.append((lower or 0) + 1.5)  # inside the range, but not an integer
     if not bound.nullable:
         bad.append(None)
-    return [v for v in bad if v not in bound.special]
+    return [v for v in bad if v not in getattr(bound, "special", ())]
 
 
 def edge_values(bound) -> list:
@@ -256,13 +369,22 @@ def test_every_bound_rejects_values_just_outside_it_naming_key_value_and_what_is
         cfg = compose_shipped(name, overrides)
         for key, _ in leaves(cfg):
             where.setdefault(key, cfg)
-    problems = []
+    checks = []  # (key, its rule): RULES' bounds, then the parts' field ranges
     for pattern, rule in RULES.items():
         if not isinstance(rule, Bound):
             continue
         keys = [k for k in where if fnmatch(k, pattern)]
         assert keys, f"{pattern} is in no shipped config"
-        for key in keys:
+        checks += [(key, rule) for key in keys]
+    part_keys = [(key, part_rule(where[key], key)) for key in where]
+    part_keys = [(key, rule) for key, rule in part_keys if isinstance(rule, Range)]
+    assert {"advantage.eps", "kl.beta", "surrogate.epsilon_low", "aggregation.max_len"} <= {
+        key for key, _ in part_keys
+    }
+    checks += part_keys
+    problems = []
+    for key, rule in checks:
+        if True:
             for value, allowed in [(v, False) for v in bad_values(rule)] + [
                 (v, True) for v in edge_values(rule)
             ]:
@@ -318,7 +440,7 @@ def test_arithmetic_operand_range_is_checked_before_compute():
 
 def test_eval_k_above_n_is_a_config_error():
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("eval", overrides=["ckpt=x.ckpt", "eval.n=4", "eval.k=8"])
+        cfg = hydra_compose("eval", overrides=["ckpt=x.ckpt", "eval.n=4", "eval.k=8"])
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert "eval.k=8 is invalid: expected 1 <= eval.k <= eval.n (eval.n=4)" in str(err.value)
@@ -346,8 +468,7 @@ def test_lora_dropout_from_an_older_runs_config_loads_only_as_zero():
 
 
 def _composed(*overrides: str) -> DictConfig:
-    with initialize_config_dir(str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return cfg_of(*overrides)
 
 
 def test_lora_with_reference_refresh_is_a_config_error_before_compute():
@@ -368,6 +489,7 @@ def test_lora_with_reference_refresh_is_a_config_error_before_compute():
         "sft.lr=inf",
         "beta=inf",
         "advantage.eps=inf",
+        "kl.beta=inf",
         "loss.entropy_coef=inf",
         "train.lr=nan",
     ],
@@ -380,4 +502,4 @@ def test_non_finite_numbers_are_rejected_before_compute(override):
 
 
 def test_an_infinite_upper_clip_is_allowed():
-    validate(_composed("loss.epsilon_high=inf"))
+    validate(_composed("surrogate.epsilon_high=inf"))

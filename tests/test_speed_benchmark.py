@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import ROOT, THREADS_PER_WORKER
+from helpers import ROOT, THREADS_PER_WORKER
 from grpo_lab.policy import tiny_llama
 
 

@@ -1,101 +1,20 @@
 """Sweeps through the real CLI: nested MLflow runs, failures recorded, joblib, Optuna, submitit.
 
-``grid_sweep`` (one 2x2 sweep G=2,4 x epsilon=0.1,0.2 of tiny runs) is shared with the report,
-eval and browser tests through ``shared_grid_sweep``; it runs once per session.
+``grid_sweep`` (conftest: one 2x2 sweep G=2,4 x epsilon=0.1,0.2 of tiny runs) is shared with the
+report, eval and browser tests; it runs once per session.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import FAST
-
-GRID = ["G=2,4", "epsilon=0.1,0.2"]
-
-
-def fast_without(*keys: str) -> list[str]:
-    """FAST minus the keys a sweep varies (Hydra refuses a key given twice)."""
-    return [o for o in FAST if o.split("=", 1)[0] not in keys]
-
-
-def runs_of(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name("grpo_lab")
-    return client, exp, client.search_runs([exp.experiment_id], max_results=100)
-
-
-def sweep_dir_of(cwd: Path) -> Path:
-    dirs = sorted(p.parent for p in (cwd / "multirun").glob("*/*/mlflow_sweep.json"))
-    assert len(dirs) == 1, f"expected one sweep folder under {cwd / 'multirun'}, found {dirs}"
-    return dirs[0]
-
-
-@dataclass
-class GridSweep:
-    cwd: Path
-    tracking_uri: str
-    sweep_dir: Path
-    env: dict
-    stdout: str
-
-
-_GRID: dict[str, GridSweep] = {}
-
-
-def cli_env(tracking_uri: str, cache_dir: Path) -> dict:
-    return {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "GRPO_LAB_CACHE": str(cache_dir),
-        "HYDRA_FULL_ERROR": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-def shared_grid_sweep(tmp_path_factory, mlflow_template: Path, cache_dir: Path) -> GridSweep:
-    """Run ``grpo-lab train -m G=2,4 epsilon=0.1,0.2`` once per session and return where it went."""
-    if "grid" not in _GRID:
-        cwd = tmp_path_factory.mktemp("grid-sweep")
-        shutil.copy(mlflow_template, cwd / "mlflow.db")
-        uri = f"sqlite:///{cwd / 'mlflow.db'}"
-        env = cli_env(uri, cache_dir)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "grpo_lab.cli",
-                "train",
-                "-m",
-                *GRID,
-                *fast_without("G", "epsilon"),
-            ],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, (
-            f"grid sweep failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
-        _GRID["grid"] = GridSweep(cwd, uri, sweep_dir_of(cwd), env, proc.stdout)
-    return _GRID["grid"]
-
-
-@pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory, mlflow_template, cache_dir) -> GridSweep:
-    return shared_grid_sweep(tmp_path_factory, mlflow_template, cache_dir)
+from helpers import fast_without, runs_of, sweep_dir_of
 
 
 @pytest.mark.slow

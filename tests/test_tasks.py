@@ -12,7 +12,7 @@ from fractions import Fraction
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FAST
+from helpers import FAST
 from grpo_lab.tasks import CompareTask, CountdownTask, Example, JsonlTask, Task
 from grpo_lab.tasks.compare import trap_kind
 from grpo_lab.tasks.safe_expr import ExprError, evaluate, reaches_target

@@ -12,56 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from mlflow import MlflowClient
 
-from conftest import FAST
 from grpo_lab.config import ConfigError, validate
+from grpo_lab.grpo.advantages import GroupZScore
+from grpo_lab.grpo.aggregation import SeqMeanTokenMean
+from grpo_lab.grpo.step import Algorithm
+from grpo_lab.grpo.surrogates import PPOClip
 from grpo_lab.instantiate import instantiate
 from grpo_lab.paths import config_dir
-from grpo_lab.train import algo_config
-
-# What every training run logs per step (TRL's names where TRL has one).
-STEP_METRICS = [
-    "reward",
-    "reward_std",
-    "rewards/accuracy/mean",
-    "rewards/format/mean",
-    "kl",
-    "loss",
-    "clip_ratio/low_mean",
-    "clip_ratio/high_mean",
-    "clip_ratio/region_mean",
-    "completions/mean_length",
-    "completions/max_length",
-    "completions/clipped_ratio",
-    "frac_reward_zero_std",
-    "entropy",
-    "grad_norm",
-    "lr",
-    "perf/step_time_s",
-    "perf/tokens_per_s",
-    "perf/sample_s",
-    "perf/reward_s",
-    "perf/ref_logprobs_s",
-    "perf/old_logprobs_s",
-    "perf/update_s",
-    "rollout",
-]
-
-
-# FAST with a warm start that samples some correct answers: groups have reward variance, so the
-# policy moves (with FAST's 5 SFT steps every reward is 0 and every gradient 0).
-LEARNING = [o for o in FAST if not o.startswith("sft.")] + [
-    "sft.steps=80",
-    "sft.lr=3e-3",
-    "sft.num_examples=50",
-]
-
-
-def compose_default(*overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+from helpers import FAST, LEARNING, STEP_METRICS, compose, fast_without, module_of, points_of
 
 
 def only_run(tracking_uri: str):
@@ -73,35 +35,36 @@ def only_run(tracking_uri: str):
 
 
 def test_default_config_composes_and_validates():
-    cfg = compose_default()
-    validate(cfg)
+    cfg = compose()
     # beta 0 and dynamic sampling: the default experiment's tuned values (README)
     assert cfg.G == 8 and cfg.beta == 0.0 and cfg.epsilon == 0.2 and cfg.mu == 1
     assert cfg.train.dynamic_sampling is True
-    assert cfg.loss.epsilon_low == cfg.epsilon == cfg.loss.epsilon_high
-    assert cfg.kl.estimator == "k3" and cfg.advantage.scale == "group_std"
-    assert cfg.loss.aggregation == "seq_mean_token_mean"
+    assert cfg.surrogate.epsilon_low == cfg.epsilon == cfg.surrogate.epsilon_high
+    assert cfg.kl.estimator == "k3" and cfg.advantage._target_.endswith(".GroupZScore")
+    assert cfg.aggregation._target_.endswith(".SeqMeanTokenMean")
     assert (
         cfg.logger.tracking_uri.startswith("sqlite:///")
         or "MLFLOW_TRACKING_URI" in __import__("os").environ
     )
     task = instantiate(cfg.task)
     assert task.train() and task.eval()
-    algo = algo_config(cfg)
-    assert (algo.G, algo.beta, algo.mu, algo.kl_estimator) == (8, 0.0, 1, "k3")
+    algo = Algorithm.from_config(cfg)
+    assert (algo.G, algo.kl.beta, algo.mu, algo.kl.estimator) == (8, 0.0, 1, "k3")
+    assert isinstance(algo.advantage, GroupZScore)
+    assert isinstance(algo.surrogate, PPOClip)
+    assert isinstance(algo.aggregation, SeqMeanTokenMean)
 
 
 def test_overrides_reach_the_composed_config():
-    cfg = compose_default("G=16", "beta=0", "epsilon=0.1", "mu=2", "train.minibatch_size=64")
-    validate(cfg)
-    algo = algo_config(cfg)
+    cfg = compose("G=16", "beta=0", "epsilon=0.1", "mu=2", "train.minibatch_size=64")
+    algo = Algorithm.from_config(cfg)
     assert (
         algo.G,
-        algo.beta,
-        algo.epsilon_low,
-        algo.epsilon_high,
+        algo.kl.beta,
+        algo.surrogate.epsilon_low,
+        algo.surrogate.epsilon_high,
         algo.mu,
-        algo.minibatch_size,
+        algo.batching.minibatch(),
     ) == (
         16,
         0.0,
@@ -134,7 +97,7 @@ def test_overrides_reach_the_composed_config():
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, key, allowed):
-    cfg = compose_default(override)
+    cfg = compose(override, check=False)
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert key in str(err.value) and allowed in str(err.value)
@@ -145,11 +108,14 @@ def test_bad_config_fails_before_any_compute_through_the_cli(run_cli, tmp_path, 
     proc = run_cli("train", "G=1", "epsilon=2", check=False)
     # the message alone, as the README shows it, and exit status 2 (a usage error)
     assert proc.returncode == 2
-    assert proc.stderr == (
-        "invalid config:\n"
-        "  G=1 is invalid: expected an integer >= 2 (a group needs two completions to compare)\n"
-        "  epsilon=2 is invalid: expected a number in (0, 1)\n"
-        "  loss.epsilon_low=2 is invalid: expected a number in (0, 1)\n"  # it follows ${epsilon}
+    assert (
+        proc.stderr
+        == (
+            "invalid config:\n"
+            "  G=1 is invalid: expected an integer >= 2 (a group needs two completions to compare)\n"
+            "  epsilon=2 is invalid: expected a number in (0, 1)\n"
+            "  surrogate.epsilon_low=2 is invalid: expected a number in (0, 1)\n"  # it follows ${epsilon}
+        )
     )
     # nothing was trained: no warm start cached, no checkpoint written
     assert not list(tmp_path.glob("outputs/**/*.ckpt"))
@@ -176,6 +142,29 @@ def test_bad_config_fails_before_the_heavy_imports(tmp_path):
     assert "exit 2" in proc.stdout and "loaded []" in proc.stdout, proc.stdout
 
 
+def test_old_option_names_on_the_command_line_are_rewritten_with_a_note(tmp_path):
+    """`loss=token_mean`, `loss.epsilon_low=...` and `advantage.scale=...` name the options
+    under their old names: the CLI rewrites them to the new groups and says so on stderr (the
+    invalid epsilon stops the run at the config check, before any compute)."""
+    script = (
+        "from grpo_lab.cli import main\n"
+        "try:\n"
+        "    main(['train', 'loss=token_mean', 'loss.epsilon_low=2', 'advantage.scale=none',\n"
+        "          'hydra.run.dir=.'])\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    err = proc.stderr
+    assert "exit 2" in proc.stdout, (proc.stdout, err[-3000:])
+    assert "note: loss=token_mean is now aggregation=token_mean" in err
+    assert "note: loss.epsilon_low=2 is now surrogate.epsilon_low=2" in err
+    assert "note: advantage.scale=none is now advantage=group_mean" in err
+    assert "surrogate.epsilon_low=2 is invalid: expected a number in (0, 1)" in err
+
+
 @pytest.mark.slow
 def test_a_value_a_part_rejects_when_built_prints_its_message_alone(run_cli, tmp_path):
     """Some checks need the part itself (10 x 10 sums hold 100 examples, not 200 to hold out)."""
@@ -199,7 +188,7 @@ def test_run_and_sweep_dirs_end_in_a_token_drawn_once_per_process():
     import grpo_lab.cli  # noqa: F401  (registers the grpo_lab_run_id resolver, as the CLI does)
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True)
+        cfg = hydra_compose(config_name="config", return_hydra_config=True)
     run_dir, sweep_dir = cfg.hydra.run.dir, cfg.hydra.sweep.dir
     assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]{6}", run_dir), run_dir
     assert sweep_dir.startswith("multirun/") and sweep_dir[-6:] == run_dir[-6:]
@@ -210,7 +199,7 @@ def test_two_runs_started_in_the_same_second_get_their_own_run_dirs(
     tmp_path, tracking_uri, cache_dir
 ):
     """Both used to land in outputs/<date>/<time>/ and the second found checkpoints/ taken."""
-    from conftest import THREADS_PER_WORKER
+    from helpers import THREADS_PER_WORKER
 
     env = {
         **os.environ,
@@ -251,9 +240,11 @@ def test_two_step_run_through_the_cli_logs_everything_to_mlflow(run_cli, tmp_pat
     assert (
         params["G"] == "4"
         and params["beta"] == "0.04"
-        and params["loss.aggregation"] == "seq_mean_token_mean"
+        and params["aggregation._target_"] == "grpo_lab.grpo.aggregation.SeqMeanTokenMean"
     )
-    assert params["loss.epsilon_low"] == "0.2"  # interpolation resolved
+    assert "loss.aggregation" not in params
+    assert params["surrogate.epsilon_low"] == "0.2"  # interpolation resolved
+    assert params["kl.beta"] == "0.04"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
     config_text = Path(
@@ -389,15 +380,6 @@ def _prompts_by_rollout(client: MlflowClient, run_id: str, tmp: Path) -> dict[in
     return out
 
 
-def _points(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """metric -> [(step, value), ...] in step order, every point MLflow holds (repeats kept)."""
-    keys = client.get_run(run_id).data.metrics
-    return {
-        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-        for key in keys
-    }
-
-
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_run(run_cli, tmp_path, tracking_uri):
     """2 rollouts, then resumed for 2 more == 4 rollouts in one go: the same prompts in the same
@@ -453,7 +435,7 @@ def test_resumed_run_equals_an_uninterrupted_run(run_cli, tmp_path, tracking_uri
     assert prompts["first"] == prompts["whole"]
 
     # every per-rollout training metric, once at each rollout step (timings excepted)
-    points = {n: _points(client, run_ids[n]) for n in ("whole", "first")}
+    points = {n: points_of(client, run_ids[n]) for n in ("whole", "first")}
     per_rollout = [k for k in points["whole"] if k in STEP_METRICS and not k.startswith("perf/")]
     assert len(per_rollout) == len([k for k in STEP_METRICS if not k.startswith("perf/")])
     for key in per_rollout:
@@ -561,25 +543,20 @@ def test_grpo_raises_reward_and_held_out_accuracy(run_cli, tracking_uri):
 
 
 def _tiny_module(beta: float, mu: int):
-    from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
-    from grpo_lab.policy import tiny_llama
-    from grpo_lab.rewards import RewardSet, accuracy_reward
-    from grpo_lab.sampling import GenerateSampler
-    from grpo_lab.tasks import ArithmeticTask
-
-    return GRPOModule(
-        policy=tiny_llama(hidden_size=32, intermediate_size=64),
-        task=ArithmeticTask(max_operand=9, eval_size=20),
-        rewards=RewardSet({"accuracy": accuracy_reward}),
-        sampler=GenerateSampler(max_new_tokens=3),
-        algo=AlgoConfig(G=4, beta=beta, mu=mu),
-        optim=OptimConfig(),
+    # a 3-token generate sampler, the accuracy reward alone, a small policy and task
+    return module_of(
+        *fast_without("beta"),
+        "sampler=generate",
+        "sampler.max_new_tokens=3",
+        "reward=accuracy",
+        f"beta={beta}",
+        f"mu={mu}",
     )
 
 
 def test_beta_zero_creates_no_reference_model_and_mu_one_no_old_logprobs():
     module = _tiny_module(beta=0.0, mu=1)
-    assert module.reference is None
+    assert module.reference_model is None and not module.algo.kl.active
     assert not any(name.startswith("reference") for name in module.state_dict())
     rollout = module.make_rollout(module.task.train()[:3])
     assert rollout.ref_logp is None and rollout.old_logp is None
@@ -588,8 +565,8 @@ def test_beta_zero_creates_no_reference_model_and_mu_one_no_old_logprobs():
 
 def test_beta_positive_and_mu_above_one_compute_reference_and_old_logprobs():
     module = _tiny_module(beta=0.04, mu=2)
-    assert module.reference is not None
-    assert not any(p.requires_grad for p in module.reference.parameters())
+    assert module.reference_model is not None and module.algo.kl.active
+    assert not any(p.requires_grad for p in module.reference_model.parameters())
     rollout = module.make_rollout(module.task.train()[:3])
     shape = rollout.completions.completion_ids.shape
     assert rollout.ref_logp.shape == shape and rollout.old_logp.shape == shape

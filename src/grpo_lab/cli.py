@@ -129,8 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command in ("train", "sft", "eval"):
+        from grpo_lab.renames import rewrite_overrides
         from grpo_lab.sweep import prepare_argv
 
+        rest, renamed = rewrite_overrides(rest)  # names from before the GRPO step's parts
+        for note in renamed:
+            print(f"[grpo-lab] note: {note}", file=sys.stderr)
         rest = prepare_argv(rest)  # names a missing sweep plugin; seeds=N -> seed=S,...,S+N-1
         from grpo_lab.config import removed_override_errors
 

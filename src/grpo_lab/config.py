@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import importlib.util
 import math
 import numbers
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from grpo_lab import schema
+from grpo_lab.grpo.batching import Batching
 from grpo_lab.schema import SCHEMAS
 
 
@@ -150,18 +152,6 @@ RULES: dict[str, Rule | Bound] = {
     "seed": _SEED,
     "num_threads": _int(ge=1, nullable=True, why="null = torch's default"),
     "resume": _rule(lambda v: v is None or v == "auto", "null or auto (grpo_lab/resume.py)"),
-    "loss.epsilon_low": _num(gt=0, lt=1),
-    "loss.epsilon_high": _num(gt=0, infinite=True, why="inf = no upper clip"),
-    "loss.aggregation": _choice(*schema.Aggregation),
-    "loss.ratio_level": _choice(*schema.RatioLevel),
-    "loss.dual_clip": _num(gt=1, nullable=True),
-    "loss.entropy_coef": _num(ge=0, why="0 = no entropy bonus"),
-    "loss.mask_truncated": _BOOL,
-    "kl.estimator": _choice(*schema.KLEstimator),
-    "kl.mode": _choice(*schema.KLMode),
-    "advantage.scale": _choice(*schema.AdvantageScale),
-    "advantage.eps": _num(gt=0),
-    "advantage.unbiased_std": _BOOL,
     # train.*
     "train.rollouts": _int(ge=1),
     "train.prompts_per_step": _int(ge=1),
@@ -376,6 +366,93 @@ def schema_errors(cfg: Mapping) -> dict[str, str]:
     return errors
 
 
+# The algorithm's parts: config group -> its dataclass, read from ``_target_`` (``loss`` is one
+# class). A part's fields are its keys, with their types and ranges (``grpo.fields``).
+PART_GROUPS = ("advantage", "kl", "surrogate", "aggregation", "correction", "loss")
+
+
+def _part_class(group: str, node: Mapping) -> type | None | str:
+    """The dataclass of a part's config node; None for a user's own class (its arguments mean
+    what it says); a message when grpo_lab's class cannot be found."""
+    if group == "loss":
+        from grpo_lab.grpo.loss import LossOptions
+
+        return LossOptions
+    target = node.get("_target_")
+    if not (isinstance(target, str) and target.startswith("grpo_lab.")):
+        return None
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return f"{group}._target_={target!r} is not a class of grpo_lab"
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+@functools.cache
+def _open_structured(part: type) -> DictConfig:
+    typed = OmegaConf.structured(part)
+    OmegaConf.set_readonly(typed, False)  # the parts are frozen; this copy only checks types
+    return typed
+
+
+def part_errors(cfg: Mapping) -> dict[str, str]:
+    """Errors in the algorithm's parts against their dataclasses: unknown or missing keys, wrong
+    types, values out of the field's range. full key -> message."""
+    from grpo_lab.grpo import fields as part_fields
+
+    errors: dict[str, str] = {}
+    for group in PART_GROUPS:
+        present, node = _get(cfg, group)
+        if not present or not isinstance(node, Mapping):
+            continue
+        cls = _part_class(group, node)
+        if isinstance(cls, str):
+            errors[f"{group}._target_"] = cls
+            continue
+        if cls is None:
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        types = get_type_hints(cls)
+        option = f"{group} ({cls.__name__})" if group != "loss" else group
+        for key in node:
+            if key != "_target_" and key not in fields:
+                allowed = ", ".join(fields) or "none"
+                errors[f"{group}.{key}"] = (
+                    f"{group}.{key} is not a key of {option}; allowed keys: {allowed}"
+                )
+        typed = _open_structured(cls) if fields else None
+        for name, f in fields.items():
+            key = f"{group}.{name}"
+            rule = part_fields.rule_of(f)
+            allowed = rule.allowed if rule is not None else _describe(types[name])
+            if name not in node:
+                errors[key] = f"{key} is missing: expected {allowed}"
+                continue
+            try:
+                value = node[name]
+            except OmegaConfBaseException as err:
+                errors[key] = f"{key} cannot be resolved: {err}"
+                continue
+            # OmegaConf would take "yes" or "on" for true; the config means a YAML boolean
+            if types[name] is bool and not isinstance(value, bool):
+                errors[key] = f"{key}={value!r} is invalid: expected {allowed}"
+                continue
+            try:
+                typed[name] = value
+            except OmegaConfBaseException:
+                errors[key] = f"{key}={value!r} is invalid: expected {allowed}"
+                continue
+            if rule is not None and not rule(value):
+                finite = _is_num(value) and not math.isfinite(value)
+                errors[key] = (
+                    f"{key}={value!r} is invalid: expected "
+                    + ("a finite value, " if finite else "")
+                    + allowed
+                )
+    return errors
+
+
 def rule_errors(cfg: Mapping, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
     """Range errors against ``RULES`` (and removed keys): full key -> message."""
     errors: dict[str, str] = {}
@@ -409,47 +486,15 @@ def cross_errors(cfg: Mapping) -> list[str]:
         return _get(cfg, key)[1]
 
     B, G = value("train.prompts_per_step"), value("G")
-    mini, micro = value("train.minibatch_size"), value("train.microbatch_size")
-    parts = value("train.num_minibatches")
     if _is_int(B) and _is_int(G):
-        n = B * G
-        if mini is not None and parts is not None:
-            errors.append(
-                f"train.num_minibatches={parts} and train.minibatch_size={mini} are both set: "
-                "give one of them and set the other to null"
-            )
-        if mini is not None and n % mini:
-            errors.append(
-                f"train.minibatch_size={mini} is invalid: it must divide the rollout batch "
-                f"train.prompts_per_step * G = {B} * {G} = {n} (e.g. {_divisors(n)})"
-            )
-        if parts is not None and n % parts:
-            errors.append(
-                f"train.num_minibatches={parts} is invalid: it must divide the rollout batch "
-                f"train.prompts_per_step * G = {B} * {G} = {n} (e.g. {_divisors(n)})"
-            )
-        step = mini or (n // parts if parts and not n % parts else n)
-        if micro is not None and step % micro:
-            errors.append(
-                f"train.microbatch_size={micro} is invalid: it must divide the mini-batch of "
-                f"{step} completions (e.g. {_divisors(step)})"
-            )
-        # The shared-prefix forward runs a prompt once for its G rows: a forward needs them all.
-        if value("train.shared_prefix") is True:
-            sizes = []
-            if mini is not None:
-                sizes.append((f"train.minibatch_size={mini}", mini))
-            elif parts is not None:
-                sizes.append((f"train.num_minibatches={parts} (mini-batches of {step})", step))
-            if micro is not None:
-                sizes.append((f"train.microbatch_size={micro}", micro))
-            for name, size in sizes:
-                if size % G:
-                    errors.append(
-                        f"{name} is invalid with train.shared_prefix=true: completions per "
-                        f"batch must be a multiple of G={G} (whole groups); or set "
-                        "train.shared_prefix=false"
-                    )
+        errors += Batching(
+            B=B,
+            G=G,
+            minibatch_size=value("train.minibatch_size"),
+            num_minibatches=value("train.num_minibatches"),
+            microbatch_size=value("train.microbatch_size"),
+            shared_prefix=value("train.shared_prefix"),
+        ).errors()
     strategy, clip = str(value("trainer.strategy")), value("train.max_grad_norm")
     if strategy.startswith("fsdp") and clip is not None:
         errors.append(
@@ -464,7 +509,8 @@ def cross_errors(cfg: Mapping) -> list[str]:
             "on p.grad, so both would silently do nothing; use trainer=ddp or trainer=fsdp"
         )
     lora, every = value("policy.lora.enabled"), value("train.ref_sync_every")
-    kl_on = value("kl.estimator") != "none" and _is_num(value("beta")) and value("beta") > 0
+    beta = value("kl.beta")
+    kl_on = value("kl.estimator") != "none" and _is_num(beta) and beta > 0
     if lora is True and kl_on and _is_int(every) and every > 0:
         errors.append(
             f"train.ref_sync_every={every} is invalid with policy.lora.enabled=true: with LoRA "
@@ -507,8 +553,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every bad key, its value and what is allowed.
 
     First the values left ``???``, the types (``schema.SCHEMAS``: wrong type, option outside the
-    allowed ones, missing or unknown key of kl/advantage/loss), and the ranges (``RULES``) of
-    keys that typed correctly; then the checks across keys (``cross_errors``) once every key is
+    allowed ones), the algorithm's parts against their dataclasses (``part_errors``: unknown or
+    missing keys, types and ranges), and the ranges (``RULES``) of keys that typed correctly; then the checks across keys (``cross_errors``) once every key is
     right on its own.
     """
     errors = [
@@ -519,8 +565,12 @@ def validate(cfg: DictConfig) -> None:
         view: Mapping = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException:
         view = cfg  # an interpolation that fails: read key by key, naming the key
-    typed = schema_errors(view)
-    errors += [*typed.values(), *rule_errors(view, skip=set(typed)).values()]
+    typed, parts = schema_errors(view), part_errors(view)
+    errors += [
+        *typed.values(),
+        *rule_errors(view, skip=set(typed) | set(parts)).values(),
+        *parts.values(),  # after the top-level keys: epsilon=2 before surrogate.epsilon_low=2
+    ]
     if not errors:
         errors = cross_errors(view)
     if errors:
@@ -538,10 +588,6 @@ def removed_override_errors(overrides: list[str]) -> list[str]:
         if key in REMOVED:
             errors.append(f"{key} is no longer an option: {REMOVED[key]}")
     return errors
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -36,10 +36,7 @@ def greedy_accuracy(
     """Fraction of examples whose greedy completion the task marks correct."""
     model, tok = policy.model, policy.tokenizer
     model.eval()
-    if getattr(sampler, "stop_strings", None):
-        sampler.tokenizer = tok
-    if hasattr(sampler, "model_impl"):
-        sampler.model_impl = policy.model_impl
+    sampler.configure(tok, policy.model_impl)
     correct = 0
     for i in range(0, len(examples), batch_size):
         batch = examples[i : i + batch_size]
@@ -146,10 +143,7 @@ def score(
     """Greedy accuracy and pass@k over ``examples``; per-example rows for the completions table."""
     model, tok = policy.model, policy.tokenizer
     model.eval()
-    if getattr(sampler, "stop_strings", None):
-        sampler.tokenizer = tok
-    if hasattr(sampler, "model_impl"):
-        sampler.model_impl = policy.model_impl
+    sampler.configure(tok, policy.model_impl)
     rows: dict[str, list] = {
         "prompt": [],
         "answer": [],
@@ -192,10 +186,8 @@ def score(
 
 def evaluate(cfg: DictConfig) -> float:
     """``grpo-lab eval``: score ``cfg.ckpt``, log an MLflow run linked to the training run; returns greedy accuracy."""
-    from mlflow import MlflowClient
-
-    from grpo_lab import tracking
-    from grpo_lab.sweep import read_run_file
+    from grpo_lab import store, tracking
+    from grpo_lab.sweep.run_files import read_run_file
 
     ckpt = Path(str(cfg.ckpt))
     if not ckpt.is_file():
@@ -215,7 +207,7 @@ def evaluate(cfg: DictConfig) -> float:
     result = score(policy, examples, task, sampler, n, k, cfg.eval.batch_size)
 
     uri, lcfg = cfg.logger.tracking_uri, cfg.logger
-    client = MlflowClient(tracking_uri=uri)
+    client = store.client(uri)
     train_run = read_run_file(_run_dir(ckpt)) or {}
     train_run_id = cfg.get("run_id") or train_run.get("run_id")
     train_name = None
@@ -224,15 +216,13 @@ def evaluate(cfg: DictConfig) -> float:
             train_name = client.get_run(train_run_id).info.run_name
         except Exception:  # the training run lives in another store: keep the id as a link
             log.warning("training run %s is not in %s; linking by id only", train_run_id, uri)
-    exp_id = tracking.ensure_experiment(uri, lcfg.experiment_name)
+    exp_id = store.ensure_experiment(uri, lcfg.experiment_name)
     tags = {str(k_): str(v) for k_, v in (lcfg.get("tags") or {}).items()}
     tags.update({"grpo_lab.role": "eval", "grpo_lab.checkpoint": str(ckpt.resolve())})
     if train_run_id:
         tags["grpo_lab.train_run_id"] = str(train_run_id)
     name = lcfg.get("run_name") or f"eval {train_name or _run_dir(ckpt).name}"
-    run_id = tracking.retry_locked(
-        lambda: client.create_run(exp_id, run_name=name, tags=tags)
-    ).info.run_id
+    run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
     params = {
         "ckpt": str(ckpt),
         "eval.n": n,
@@ -245,14 +235,12 @@ def evaluate(cfg: DictConfig) -> float:
         **tracking.flatten(OmegaConf.to_container(cfg.sampler, resolve=True), "sampler."),
     }
     for key, value in params.items():
-        tracking.retry_locked(lambda key=key, value=value: client.log_param(run_id, key, value))
+        client.log_param(run_id, key, value)
     for key, value in result["metrics"].items():
-        tracking.retry_locked(lambda key=key, value=value: client.log_metric(run_id, key, value))
+        client.log_metric(run_id, key, value)
     rows = {c: v[: cfg.eval.table_rows] for c, v in result["rows"].items()}
-    tracking.retry_locked(
-        lambda: client.log_table(run_id, data=rows, artifact_file="eval/completions.json")
-    )
-    tracking.retry_locked(lambda: client.set_terminated(run_id, "FINISHED"))
+    client.log_table(run_id, data=rows, artifact_file="eval/completions.json")
+    client.set_terminated(run_id, "FINISHED")
 
     for key, value in result["metrics"].items():
         print(f"[grpo-lab] {key} = {value:.4f}")

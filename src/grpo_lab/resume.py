@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from grpo_lab import renames
 from grpo_lab.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def run_to_continue(
             f"{noted['run_id']}, which {ckpt} continues ({sweep.RUN_FILE} says it is in "
             f"{noted.get('tracking_uri')}); expected the store that run logged to"
         ) from err
-    changed = changed_params(run.data.params, params)
+    # a run logged before the GRPO step's parts holds some keys under their old names
+    changed = changed_params(renames.new_params(run.data.params), params)
     refused = refused_changes(run.info.run_id, changed)
     if refused:
         raise ConfigError(refused)

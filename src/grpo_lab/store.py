@@ -1,10 +1,11 @@
-"""An MLflow store shared by many processes: every call retries on a locked SQLite database,
-and a store that cannot be reached is an error before any compute.
+"""The MLflow client layer: every call retries on a locked SQLite database, and a store that
+cannot be reached is an error before any compute.
 
 Parallel sweep jobs write to one SQLite file. SQLite lets one writer in at a time and makes the
-others wait up to its busy timeout (5 s); past that the write fails with "database is locked",
-and a job that logs a metric per step would die mid-run. ``RetryingClient`` retries any call
-that fails so, with a growing wait (``tracking.retry_locked``).
+others wait up to its busy timeout; past that the write fails with "database is locked", and a
+job that logs a metric per step would die mid-run. ``retry_locked`` retries such a call with a
+growing wait. Every module talks to MLflow through it: ``client(uri)`` (a ``RetryingClient``)
+for a store, ``RunLogger`` for a training run's logger.
 """
 
 from __future__ import annotations
@@ -12,13 +13,31 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import MLFlowLogger
 
 from grpo_lab.config import ConfigError
-from grpo_lab.tracking import ensure_experiment, retry_locked
+
+T = TypeVar("T")
+
+# The MLflow 3.x UI opens experiments in its GenAI view unless tagged as model development.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
+def retry_locked(fn: Callable[[], T], attempts: int = 20, wait_s: float = 0.5) -> T:
+    """Run fn, retrying while SQLite says the database is locked (parallel sweep jobs)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # MLflow wraps sqlite errors in several exception types
+            if "locked" not in str(err).lower() or i == attempts - 1:
+                raise
+            time.sleep(wait_s * (1 + i))
+    raise AssertionError("unreachable")
 
 
 class RetryingClient:
@@ -47,9 +66,28 @@ class RetryingClient:
 
 
 def client(tracking_uri: str) -> RetryingClient:
+    """An ``MlflowClient`` for the store at ``tracking_uri`` whose every call retries while locked."""
     from mlflow import MlflowClient
 
     return RetryingClient(MlflowClient(tracking_uri=tracking_uri))
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name``, created (and tagged for the runs view) if missing."""
+    mlflow = client(tracking_uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        exp_id = exp.experiment_id
+    else:
+        try:
+            exp_id = mlflow.create_experiment(name, tags=dict([EXPERIMENT_KIND_TAG]))
+        except Exception:
+            exp = mlflow.get_experiment_by_name(name)  # another job created it meanwhile
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    mlflow.set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG)
+    return exp_id
 
 
 class RunLogger(MLFlowLogger):

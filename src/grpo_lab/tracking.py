@@ -1,59 +1,25 @@
-"""MLflow: the logger, the resolved config as params and artifact, completion tables, links."""
+"""MLflow: the resolved config as params and artifact, run tags, completion tables, links.
+
+Every call goes through ``store``'s retrying client: ``logger`` here is a ``store.RunLogger``,
+whose ``experiment`` (the MLflow client) retries while the store is locked.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import tempfile
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from grpo_lab.store import RunLogger
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# The MLflow 3.x UI opens experiments in its GenAI view unless tagged as model development.
-EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
-
-
-def retry_locked(fn: Callable[[], T], attempts: int = 20, wait_s: float = 0.5) -> T:
-    """Run fn, retrying while SQLite says the database is locked (parallel sweep jobs)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as err:  # MLflow wraps sqlite errors in several exception types
-            if "locked" not in str(err).lower() or i == attempts - 1:
-                raise
-            time.sleep(wait_s * (1 + i))
-    raise AssertionError("unreachable")
-
-
-def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """The id of experiment ``name``, created (and tagged for the runs view) if missing."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-
-    def get_or_create() -> str:
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND_TAG]))
-        except Exception:
-            exp = client.get_experiment_by_name(name)  # another job created it meanwhile
-            if exp is None:
-                raise
-            return exp.experiment_id
-
-    exp_id = retry_locked(get_or_create)
-    retry_locked(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG))
-    return exp_id
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -81,7 +47,7 @@ PARAM_LENGTH = 250
 
 
 def log_config(
-    logger: MLFlowLogger, cfg: DictConfig, run_params: Mapping[str, str] | None = None
+    logger: RunLogger, cfg: DictConfig, run_params: Mapping[str, str] | None = None
 ) -> None:
     """The resolved config as flattened params and as ``config.yaml`` (params may be cut).
 
@@ -93,31 +59,28 @@ def log_config(
     if run_params is not None:
         params = {k: v for k, v in params.items() if k not in run_params}
     if params:
-        retry_locked(lambda: logger.log_hyperparams(params))
+        logger.log_hyperparams(params)
     if run_params is not None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        retry_locked(lambda: logger.experiment.log_artifact(logger.run_id, str(path)))
+        logger.experiment.log_artifact(logger.run_id, str(path))
 
 
-def set_tags(logger: MLFlowLogger, tags: Mapping[str, str]) -> None:
+def set_tags(logger: RunLogger, tags: Mapping[str, str]) -> None:
     """Tag the logger's MLflow run (retrying while the store is locked)."""
     for key, value in tags.items():
-        retry_locked(
-            lambda key=key, value=value: logger.experiment.set_tag(logger.run_id, key, value)
-        )
+        logger.experiment.set_tag(logger.run_id, key, value)
 
 
-def note_resume(logger: MLFlowLogger, ckpt: Path, changes: Mapping[str, Any]) -> None:
+def note_resume(logger: RunLogger, ckpt: Path, changes: Mapping[str, Any]) -> None:
     """Tag a resumed run with its checkpoint and the keys this start changed (its params keep
     the first start's values): ``grpo_lab.resumed_from``, ``grpo_lab.resume_changes``."""
-    tags = {"grpo_lab.resumed_from": str(ckpt), "grpo_lab.resume_changes": json.dumps(changes)}
-    for key, value in tags.items():
-        retry_locked(
-            lambda key=key, value=value: logger.experiment.set_tag(logger.run_id, key, value)
-        )
+    set_tags(
+        logger,
+        {"grpo_lab.resumed_from": str(ckpt), "grpo_lab.resume_changes": json.dumps(changes)},
+    )
 
 
 def runs_url(
@@ -162,31 +125,6 @@ class CompletionTable(L.Callback):
                     "advantage": rollout.advantages[:k].tolist(),
                     "truncated": rollout.completions.truncated[:k].tolist(),
                 }
-                retry_locked(
-                    lambda lg=lg, data=data: lg.experiment.log_table(
-                        lg.run_id, data=data, artifact_file=f"completions/rollout_{n:05d}.json"
-                    )
+                lg.experiment.log_table(
+                    lg.run_id, data=data, artifact_file=f"completions/rollout_{n:05d}.json"
                 )
-
-
-# Short names for keys researchers sweep, so a run reads "G=8 eps=0.2 beta=0.04".
-_SHORT = {"epsilon": "eps", "learning_rate": "lr", "train.lr": "lr", "prompts_per_step": "B"}
-
-
-def run_name_from_overrides(cfg: DictConfig | None = None) -> str:
-    """A readable run name from the command-line overrides, or "default" when there are none."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return "default"
-    overrides = [
-        o
-        for o in HydraConfig.get().overrides.task
-        if not o.startswith(("hydra.", "logger.", "ckpt_path", "resume"))
-    ]
-    parts = []
-    for o in overrides:
-        key, _, value = o.lstrip("+~").partition("=")
-        short = _SHORT.get(key) or _SHORT.get(key.split(".")[-1]) or key.split(".")[-1]
-        parts.append(f"{short}={value}")
-    return " ".join(parts) or "default"

@@ -19,8 +19,9 @@ from grpo_lab import distributed, faults, resume, store, sweep, tracking
 from grpo_lab.callbacks import RNGStates, RolloutCheckpoint, RolloutProgressBar
 from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
+from grpo_lab.grpo.batching import Batching
 from grpo_lab.instantiate import instantiate
-from grpo_lab.module import AlgoConfig, GRPOModule, OptimConfig
+from grpo_lab.module import GRPOModule
 from grpo_lab.policy.build import Policy
 from grpo_lab.rewards.combine import RewardSet
 from grpo_lab.sft import warm_start
@@ -52,80 +53,46 @@ def build_rewards(cfg: DictConfig) -> RewardSet:
     return RewardSet(functions, weights, on_error=cfg.reward.get("on_error", "raise"))
 
 
-def algo_config(cfg: DictConfig) -> AlgoConfig:
-    """The module's knobs from the composed config (``kl=none`` forces beta to 0)."""
-    estimator = cfg.kl.estimator
-    beta = 0.0 if estimator == "none" else float(cfg.beta)
-    if estimator == "none" and cfg.beta > 0:
+def warn_on_inert_settings(cfg: DictConfig) -> None:
+    """Settings that compose and validate but do nothing in this combination: say so."""
+    if cfg.kl.get("estimator") == "none" and cfg.beta > 0:
         log.warning(
             "kl=none: no KL term and no reference model; beta=%s is ignored (effective beta 0)",
             cfg.beta,
         )
-    if beta == 0 and cfg.train.ref_sync_every:
+    no_reference = cfg.kl.get("estimator") == "none" or not cfg.kl.get("beta")
+    if no_reference and cfg.train.ref_sync_every:
         log.warning(
             "train.ref_sync_every=%s has no effect: there is no reference model (beta=%s, kl=%s)",
             cfg.train.ref_sync_every,
-            cfg.beta,
-            estimator,
+            cfg.kl.get("beta"),
+            cfg.kl.get("estimator"),
         )
-    return AlgoConfig(
-        G=cfg.G,
-        epsilon_low=cfg.loss.epsilon_low,
-        epsilon_high=cfg.loss.epsilon_high,
-        beta=beta,
-        mu=cfg.mu,
-        kl_estimator="k3" if estimator == "none" else estimator,
-        kl_mode=cfg.kl.mode,
-        advantage_scale=cfg.advantage.scale,
-        advantage_eps=cfg.advantage.eps,
-        unbiased_std=cfg.advantage.unbiased_std,
-        aggregation=cfg.loss.aggregation,
-        ratio_level=cfg.loss.ratio_level,
-        dual_clip=cfg.loss.dual_clip,
-        entropy_coef=cfg.loss.entropy_coef,
-        mask_truncated=cfg.loss.mask_truncated,
-        minibatch_size=cfg.train.minibatch_size,
-        num_minibatches=cfg.train.num_minibatches,
-        microbatch_size=cfg.train.microbatch_size,
-        shared_prefix=resolve_shared_prefix(cfg),
-        compile=cfg.train.get("compile", False),
-        max_grad_norm=cfg.train.max_grad_norm,
-        max_consecutive_skipped_steps=cfg.train.max_consecutive_skipped_steps,
-        ref_sync_every=cfg.train.ref_sync_every,
-        ref_sync_mix=cfg.train.ref_sync_mix,
-        dynamic_sampling=cfg.train.dynamic_sampling,
-        dynamic_sampling_max_tries=cfg.train.dynamic_sampling_max_tries,
-        seed=cfg.seed,
-    )
-
-
-def resolve_shared_prefix(cfg: DictConfig) -> bool:
-    """``train.shared_prefix``: true/false as given; auto = on when every mini- and micro-batch
-    holds whole groups (the config check refuses true otherwise)."""
-    value = cfg.train.get("shared_prefix", "auto")
-    if value != "auto":
-        return bool(value)
-    n = cfg.train.prompts_per_step * cfg.G
-    mini = cfg.train.minibatch_size or n // (cfg.train.num_minibatches or 1)
-    micro = cfg.train.microbatch_size or mini
-    return mini % cfg.G == 0 and micro % cfg.G == 0
 
 
 def optimizer_steps(cfg: DictConfig) -> int:
     """Optimizer updates per run: rollouts x mu x mini-batches per rollout (what max_steps counts)."""
-    n = cfg.train.prompts_per_step * cfg.G
-    minibatches = cfg.train.num_minibatches or math.ceil(n / (cfg.train.minibatch_size or n))
-    return cfg.train.rollouts * cfg.mu * minibatches
+    return cfg.train.rollouts * Batching.from_config(cfg).steps_per_rollout(cfg.mu)
 
 
-def optim_config(cfg: DictConfig) -> OptimConfig:
-    """AdamW and its schedule from the composed config; the schedule spans the whole run."""
-    return OptimConfig(
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        warmup_steps=cfg.train.warmup_steps,
-        scheduler=cfg.train.scheduler,
-        total_steps=optimizer_steps(cfg),
+def build_module(
+    cfg: DictConfig,
+    policy: Policy | None = None,
+    task: Any = None,
+    rewards: RewardSet | None = None,
+    sampler: Any = None,
+    reference: Any = None,
+) -> GRPOModule:
+    """The GRPOModule of a composed config, each part built as ``grpo-lab train`` builds it (a
+    part given here replaces the config's; ``reference``: a frozen pi_ref instead of a copy)."""
+    task = task if task is not None else instantiate(cfg.task)
+    return GRPOModule(
+        cfg,
+        policy=policy if policy is not None else instantiate(cfg.policy),
+        task=task,
+        rewards=rewards if rewards is not None else build_rewards(cfg),
+        sampler=sampler if sampler is not None else instantiate(cfg.sampler),
+        reference=reference,
     )
 
 
@@ -176,7 +143,7 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
     tags = {k: str(v) for k, v in (lcfg.get("tags") or {}).items()}
     sweep_name, sweep_tags = sweep.job_tags()  # parent run, sweep id, job number in a -m sweep
     tags.update(sweep_tags)
-    run_name = lcfg.get("run_name") or sweep_name or tracking.run_name_from_overrides(cfg)
+    run_name = lcfg.get("run_name") or sweep_name or sweep.run_name_from_overrides(cfg)
     # Retries on a locked store (parallel jobs share one); train() alone ends the run.
     logger = store.RunLogger(
         experiment_name=lcfg.experiment_name,
@@ -225,9 +192,8 @@ def train(cfg: DictConfig) -> float:
             tracking.log_config(logger, cfg, run.data.params if run is not None else None)
             if run is None and distributed.launched_rank() == 0:
                 # params hold "auto"; the tag says what it resolved to for this run
-                tracking.set_tags(
-                    logger, {"grpo_lab.shared_prefix": str(resolve_shared_prefix(cfg)).lower()}
-                )
+                shared = Batching.from_config(cfg).shared
+                tracking.set_tags(logger, {"grpo_lab.shared_prefix": str(shared).lower()})
             if run is not None and distributed.launched_rank() == 0:
                 tracking.note_resume(logger, ckpt, {k: now for k, (_, now) in changed.items()})
             objective = _fit(cfg, logger, out, str(ckpt) if ckpt else None)
@@ -262,14 +228,8 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     policy, sft_path = build_policy(cfg, task)
     if sft_path is not None:
         logger.experiment.set_tag(logger.run_id, "grpo_lab.sft_warm_start", str(sft_path))
-    module = GRPOModule(
-        policy=policy,
-        task=task,
-        rewards=rewards,
-        sampler=sampler,
-        algo=algo_config(cfg),
-        optim=optim_config(cfg),
-    )
+    warn_on_inert_settings(cfg)
+    module = build_module(cfg, policy=policy, task=task, rewards=rewards, sampler=sampler)
     datamodule = TaskDataModule(
         task, cfg.train.prompts_per_step, cfg.train.eval_size, cfg.train.eval_batch_size, cfg.seed
     )

@@ -120,14 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     files = write_report(sweep, out, args.smooth_window)
     if sweep.parent_run_id:
-        from mlflow import MlflowClient
+        from grpo_lab import store
 
-        from grpo_lab.tracking import retry_locked
-
-        client = MlflowClient(tracking_uri=uri)
-        retry_locked(
-            lambda: client.log_artifacts(sweep.parent_run_id, str(out), artifact_path="report")
-        )
+        store.client(uri).log_artifacts(sweep.parent_run_id, str(out), artifact_path="report")
     print((out / "table.md").read_text())
     print(f"[grpo-lab] report of {len(sweep.jobs)} runs in {out}: " + ", ".join(sorted(files)))
     if sweep.parent_run_id:

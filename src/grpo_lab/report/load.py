@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from grpo_lab.sweep import SWEEP_FILE
+from grpo_lab import renames
+from grpo_lab.sweep.run_files import SWEEP_FILE
 
 METRICS = ("eval/accuracy", "reward", "kl", "completions/mean_length", "rollout")
 
@@ -38,6 +39,16 @@ class Sweep:
     swept_keys: list[str]
     objective_name: str
     jobs: list[Job]
+
+
+def _renamed(swept: dict[str, str]) -> dict[str, str]:
+    """Swept key -> value under today's names (``loss=token_mean`` -> ``aggregation=token_mean``)."""
+    out = {}
+    for key, value in swept.items():
+        new = renames.rewrite_override(f"{key}={value}")[0]
+        new_key, _, new_value = new.lstrip("+~").partition("=")
+        out[new_key] = new_value
+    return out
 
 
 def _abs_sqlite(uri: str, base: Path) -> str:
@@ -86,7 +97,7 @@ def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | No
 
     Returns (sweep, sweep dir or None, tracking URI used).
     """
-    from mlflow import MlflowClient
+    from grpo_lab import store
 
     path = Path(source)
     sweep_dir: Path | None = None
@@ -107,14 +118,14 @@ def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | No
         parent_id, exp_id = info["parent_run_id"], info["experiment_id"]
     else:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(source)
+        exp = store.client(uri).get_experiment_by_name(source)
         if exp is None:
             raise SystemExit(
                 f"grpo-lab report: {source!r} is neither a sweep folder nor an experiment in {uri} "
                 "(give multirun/<date>/<time>-<id>, or an experiment name with --tracking-uri)"
             )
         exp_id = exp.experiment_id
-        parents = MlflowClient(tracking_uri=uri).search_runs(
+        parents = store.client(uri).search_runs(
             [exp_id],
             filter_string="tags.`grpo_lab.role` = 'sweep'",
             order_by=["attributes.start_time DESC"],
@@ -125,9 +136,12 @@ def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | No
                 f"grpo-lab report: experiment {source!r} in {uri} has no sweep (run grpo-lab train -m ...)"
             )
         parent_id = parents[0].info.run_id
-    client = MlflowClient(tracking_uri=uri)
+    client = store.client(uri)
     parent = client.get_run(parent_id)
-    keys = json.loads(parent.data.tags.get("grpo_lab.swept_keys", "[]"))
+    # a sweep made before the GRPO step's parts names some keys the old way (loss=...)
+    keys = [
+        renames.new_key(k) for k in json.loads(parent.data.tags.get("grpo_lab.swept_keys", "[]"))
+    ]
     if sweep_dir is None and parent.data.tags.get("grpo_lab.sweep_dir"):
         sweep_dir = Path(parent.data.tags["grpo_lab.sweep_dir"])
         sweep_dir = sweep_dir if sweep_dir.is_dir() else None
@@ -136,7 +150,7 @@ def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | No
     )
     jobs = []
     for run in runs:
-        swept = json.loads(run.data.tags.get("grpo_lab.swept", "{}"))
+        swept = _renamed(json.loads(run.data.tags.get("grpo_lab.swept", "{}")))
         overrides_file = None
         if sweep_dir is not None and "grpo_lab.job_num" in run.data.tags:
             overrides_file = (
@@ -145,8 +159,10 @@ def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | No
         if (
             overrides_file is not None and overrides_file.is_file()
         ):  # what Hydra ran, as the job saw it
-            given = dict(
-                o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text())
+            given = _renamed(
+                dict(
+                    o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text())
+                )
             )
             swept = {k: str(given[k]) for k in keys if k in given}
         jobs.append(_job_from_run(client, run, swept))

@@ -16,7 +16,7 @@ from grpo_lab.report.stats import (
     smooth,
     t_interval,
 )
-from grpo_lab.sweep import short_key, short_value
+from grpo_lab.sweep.naming import short_key, short_value
 
 
 def _num(v: str) -> float | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpo_lab.report.load import Job, Sweep
-from grpo_lab.sweep import short_key, short_value
+from grpo_lab.sweep.naming import short_key, short_value
 
 COLUMNS = [  # (column, what it is) after the swept keys
     ("seeds", "seeds with a finished run: the n behind the mean and its interval"),

@@ -1,14 +1,12 @@
 """Sampling completions and scoring their log-probs: the two interfaces the GRPO step needs.
 
-``Sampler.sample`` draws G completions per prompt; ``completion_logprobs`` (``forward.py``)
-scores given completions under a model, each row's prompt with it or, with ``group_size``, each
-group's prompt once behind a shared KV cache.
+``Sampler.sample`` draws G completions per prompt. Scoring given completions under a model (the
+training forward) is the policy's: ``grpo_lab.policy.forward.completion_logprobs``.
 """
 
 from grpo_lab.sampling.base import (
     Completions,
     Sampler,
-    completion_logprobs,
     filter_logits,
     sampling_logp_gap,
     trim_at_eos,
@@ -21,7 +19,6 @@ __all__ = [
     "GenerateSampler",
     "KVCacheSampler",
     "Sampler",
-    "completion_logprobs",
     "filter_logits",
     "sampling_logp_gap",
     "trim_at_eos",

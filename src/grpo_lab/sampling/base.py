@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-
-# Scoring given completions lives in forward.py; these names stay importable from here.
-from grpo_lab.sampling.forward import completion_logprobs, position_ids_from_mask  # noqa: F401
 
 
 @dataclass
@@ -40,10 +37,20 @@ class Completions:
 
 
 class Sampler(Protocol):
-    """Draws completions from a policy. Implementations live in ``grpo_lab.sampling``."""
+    """Draws completions from a policy. Implementations live in ``grpo_lab.sampling``.
+
+    The module calls ``configure`` once with the policy's tokenizer and ``policy.model_impl``,
+    and ``weights_changed`` after every optimizer step: a sampler that keeps its own copy of the
+    weights (an inference engine such as vLLM) syncs it then; the in-process samplers read the
+    live policy and ignore it.
+    """
 
     temperature: float
     max_new_tokens: int
+
+    def configure(self, tokenizer: Any, model_impl: str) -> None: ...
+
+    def weights_changed(self) -> None: ...
 
     def sample(
         self,
@@ -139,7 +146,7 @@ class SamplingSettings:
 
     temperature, top_k (0 = off), top_p (1 = off), min_p (0 = off), max_new_tokens;
     stop_strings end a completion at the token that completes the first of them (such a
-    completion is not truncated; needs the tokenizer, which the module sets).
+    completion is not truncated; needs the tokenizer, which ``configure`` gives).
     """
 
     def __init__(
@@ -169,7 +176,16 @@ class SamplingSettings:
         self.top_p = top_p
         self.min_p = min_p
         self.stop_strings = list(stop_strings) if stop_strings else None
-        self.tokenizer = None  # set by the module when stop strings need it
+        self.tokenizer = None  # set by configure: stop strings need it
+        self.model_impl = "auto"
+
+    def configure(self, tokenizer: Any, model_impl: str) -> None:
+        """The policy's tokenizer (to decode stop strings) and ``policy.model_impl``."""
+        self.tokenizer = tokenizer
+        self.model_impl = model_impl
+
+    def weights_changed(self) -> None:
+        """Nothing to do: this sampler reads the live policy's weights."""
 
     def sampling_logits(self, logits: Tensor) -> Tensor:
         """The logits of the distribution a token is drawn from: (N, V) -> (N, V), -inf = dropped."""

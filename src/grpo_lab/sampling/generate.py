@@ -43,7 +43,7 @@ class GenerateSampler(SamplingSettings):
 
     temperature, top_k (0 = off), top_p (1.0 = off), min_p (0 = off), max_new_tokens,
     stop_strings (end a completion at the token that completes the first of these strings;
-    such a completion is not truncated; needs the tokenizer, which the module sets).
+    such a completion is not truncated; needs the tokenizer, which ``configure`` gives).
 
     These settings are the whole sampling distribution: the model's own ``generation_config``
     (a checkpoint's repetition_penalty, top_k, bad_words_ids, ...) is not applied. Only its EOS
@@ -63,7 +63,9 @@ class GenerateSampler(SamplingSettings):
         greedy: bool = False,
     ) -> Completions:
         if self.stop_strings and self.tokenizer is None:
-            raise ValueError("sampler.stop_strings needs the tokenizer: set sampler.tokenizer")
+            raise ValueError(
+                "sampler.stop_strings needs the tokenizer: call sampler.configure(tokenizer, model_impl)"
+            )
         eos, pad = eos_and_pad_ids(model)
         neutral = dict(_NEUTRAL)
         if greedy:

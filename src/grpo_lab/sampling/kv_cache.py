@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from grpo_lab.sampling import native
+from grpo_lab.policy import native
+from grpo_lab.policy.forward import _CACHE, position_ids_from_mask
 from grpo_lab.sampling.base import (
     Completions,
     SamplingSettings,
     completes_stop_string,
     draw_tokens,
     eos_and_pad_ids,
-    position_ids_from_mask,
     stop_window,
 )
-
-# transformers 5 renamed the cache argument and output field from ``past_key_values`` to ``cache``.
-_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class KVCacheSampler(SamplingSettings):
@@ -29,16 +25,14 @@ class KVCacheSampler(SamplingSettings):
     temperature, top_k (0 = off), top_p (1 = off), min_p (0 = off) as in ``filter_logits``;
     every EOS id of the model's generation config ends a row;
     a row ends at EOS or at the token that completes any of ``stop_strings`` (not truncated
-    then; needs the tokenizer, which the module sets); the loop ends when every row has.
+    then; needs the tokenizer, which ``configure`` gives); the loop ends when every row has.
 
-    model_impl (set by the module from ``policy.model_impl``): "auto" decodes supported
-    architectures with grpo_lab's own forward (``sampling.native``: a preallocated cache
+    model_impl (``policy.model_impl``, given by ``configure``): "auto" decodes supported
+    architectures with grpo_lab's own forward (``policy.native``: a preallocated cache
     written in place, finished rows leave the batch); "transformers" runs the model's forward
     with a ``DynamicCache``. Both draw the same random numbers and give the same tokens and
     log-probs up to float rounding.
     """
-
-    model_impl = "auto"
 
     @torch.no_grad()
     def sample(
@@ -51,7 +45,9 @@ class KVCacheSampler(SamplingSettings):
         greedy: bool = False,
     ) -> Completions:
         if self.stop_strings and self.tokenizer is None:
-            raise ValueError("sampler.stop_strings needs the tokenizer: set sampler.tokenizer")
+            raise ValueError(
+                "sampler.stop_strings needs the tokenizer: call sampler.configure(tokenizer, model_impl)"
+            )
         eos, pad = eos_and_pad_ids(model)
         eos_ids = torch.tensor(eos, dtype=torch.long, device=prompt_ids.device)  # (E,)
         # Greedy completions of a prompt are all the same: decode one row, repeat it at the end.

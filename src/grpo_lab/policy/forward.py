@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from grpo_lab.sampling import native
+from grpo_lab.policy import native
 
 if TYPE_CHECKING:
     from grpo_lab.sampling.base import Completions
@@ -62,7 +62,7 @@ def completion_logprobs(
     group_size: None runs each row's prompt with it; G runs each group's prompt once (rows
     g*G .. g*G+G-1 must hold the same prompt, as every sampler returns them).
     model_impl: "auto" runs grpo_lab's own forward where the architecture is supported
-    (``sampling.native``: real tokens only), "transformers" always runs the model's forward.
+    (``policy.native``: real tokens only), "transformers" always runs the model's forward.
     """
     mask = completions.completion_mask.bool()  # (N, T)
     features, head = _completion_features(model, completions, group_size, model_impl)

@@ -1,0 +1,114 @@
+"""The per-token GRPO loss assembled from the parts, then aggregated (``loss.*`` in the config).
+
+    loss_t = -(w_t * surrogate_t) + beta * KL_t - entropy_coef * H_t,   then ``aggregation``
+
+w_t is the off-policy correction's weight (1 without one), on the policy-gradient term only: the
+KL term stays unweighted (as in TRL's and verl's rollout correction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from grpo_lab.grpo import fields
+from grpo_lab.grpo.fields import Lazy, Range, ranged
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from grpo_lab.grpo.aggregation import Aggregation
+    from grpo_lab.grpo.kl import KL
+    from grpo_lab.grpo.surrogates import Surrogate
+    from grpo_lab.objective import LossStats
+
+torch = Lazy("torch")
+objective = Lazy("grpo_lab.objective")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """``loss.*``: terms and token masks that apply whatever the surrogate.
+
+    entropy_coef: > 0 subtracts coef * H(pi(.|q, o_<t)) per token.
+    mask_truncated: completions cut at sampler.max_new_tokens get no loss (DAPO's overlong filter).
+    """
+
+    GROUP: ClassVar[str] = "loss"
+    entropy_coef: float = ranged(0.0, Range(ge=0, why="0 = no entropy bonus"))
+    mask_truncated: bool = False
+
+    def __post_init__(self) -> None:
+        fields.check(self, "loss.")
+
+    @property
+    def needs_old_entropy(self) -> bool:
+        """Whether ``select_tokens`` reads pi_old's entropy (the step computes it only then)."""
+        return False
+
+    def select_tokens(
+        self, old_entropy: Tensor | None, mask: Tensor
+    ) -> tuple[Tensor | None, dict[str, float]]:
+        """The tokens (N, T) of a whole rollout that get the policy-gradient term, or None for
+        all of them, and diagnostics. mask: (N, T) real completion tokens."""
+        return None, {}
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    surrogate: Surrogate,
+    aggregation: Aggregation,
+    kl: KL,
+    ref_logp: Tensor | None = None,
+    weights: Tensor | None = None,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[Tensor, LossStats]:
+    """-J for a batch of completions, plus detached diagnostics.
+
+    logp, old_logp, ref_logp, weights, entropy: (N, T); advantages: (N,); mask: (N, T).
+    With mu = 1 and old_logp = logp.detach() the ratio is 1, so the loss value is -mean(A) (about
+    0) while its gradient is -A grad log pi / |o_i|.
+
+    Log-probs on padding may be -inf (a masked logit): they are set to 0 before any exp, because
+    selecting the output afterwards keeps the value finite but not the gradient.
+    """
+    logp, old_logp = objective._zero_padding(logp, mask), objective._zero_padding(old_logp, mask)
+    if ref_logp is not None:
+        ref_logp = objective._zero_padding(ref_logp, mask)
+    if entropy is not None:
+        entropy = objective._zero_padding(entropy, mask)
+    per_token_objective, log_ratio = surrogate(logp, old_logp, advantages, mask)  # (N, T) each
+    pg = per_token_objective if weights is None else weights * per_token_objective
+    per_token = -pg
+    kl_t = torch.zeros_like(logp)
+    if kl.loss_beta > 0.0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        kl_t = kl.per_token(logp, ref_logp)
+        per_token = per_token + kl.loss_beta * kl_t
+    if entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coef != 0 needs entropy")
+        per_token = per_token - entropy_coef * entropy
+    loss = aggregation(per_token, mask)
+
+    with torch.no_grad():
+        clip = surrogate.clip_fractions(log_ratio, advantages, mask)
+        stats = objective.LossStats(
+            loss=loss.detach(),
+            surrogate=aggregation(per_token_objective.detach(), mask),
+            kl=objective.masked_mean(kl_t.detach(), mask),
+            entropy=objective.masked_mean(entropy.detach(), mask)
+            if entropy is not None
+            else torch.tensor(0.0),
+            clip_low=clip["low"],
+            clip_high=clip["high"],
+            clip_region=clip["region"],
+            ratio_mean=objective.masked_mean(torch.exp(log_ratio.detach()), mask),
+        )
+    return loss, stats

@@ -1,0 +1,83 @@
+"""Surrogates (``conf/surrogate/``): the policy-gradient objective per token.
+
+A surrogate takes log pi_theta and log pi_old (N, T), the advantages (N,) and the mask, and
+gives the objective to maximise per token (N, T) with the log-ratio it used (for the logged
+ratio and clip fractions). The loss is -objective (grpo.loss). Log-probs arrive with padding
+already set to 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional, Protocol
+
+from grpo_lab.grpo import fields
+from grpo_lab.grpo.fields import Lazy, Range, ranged
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = Lazy("torch")
+objective = Lazy("grpo_lab.objective")
+
+
+class Surrogate(Protocol):
+    def __call__(
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """-> (objective per token (N, T), log rho (N, T))."""
+        ...
+
+    def clip_fractions(
+        self, log_ratio: Tensor, advantages: Tensor, mask: Tensor
+    ) -> dict[str, Tensor]:
+        """TRL's clip_ratio/{low,high,region}_mean: fractions of real tokens the clip cut."""
+        ...
+
+
+_EPS_LOW = Range(gt=0, lt=1)
+_EPS_HIGH = Range(gt=0, infinite=True, why="inf = no upper clip")
+_DUAL_CLIP = Range(gt=1, nullable=True)
+
+
+@dataclass(frozen=True)
+class PPOClip:
+    """min(rho A, clip(rho, 1-epsilon_low, 1+epsilon_high) A) per token, rho = pi/pi_old:
+    DeepSeekMath eq. 3 (PPO's clip); epsilon_high > epsilon_low is DAPO's clip-higher.
+    dual_clip c > 1 bounds negative-advantage tokens' objective below by c*A (Ye et al. 2020)."""
+
+    GROUP: ClassVar[str] = "surrogate"
+    ratio_level: ClassVar[str] = "token"
+    epsilon_low: float = ranged(0.2, _EPS_LOW)
+    epsilon_high: float = ranged(0.2, _EPS_HIGH)
+    dual_clip: Optional[float] = ranged(None, _DUAL_CLIP)  # noqa: UP045 - OmegaConf reads Optional
+
+    def __post_init__(self) -> None:
+        fields.check(self, "surrogate.")
+
+    def __call__(
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        log_ratio = objective.importance_log_ratio(logp, old_logp, mask, self.ratio_level)
+        surrogate = objective.clipped_surrogate(
+            log_ratio, advantages, self.epsilon_low, self.epsilon_high, self.dual_clip
+        )
+        return surrogate, log_ratio
+
+    def clip_fractions(
+        self, log_ratio: Tensor, advantages: Tensor, mask: Tensor
+    ) -> dict[str, Tensor]:
+        return objective.clip_fractions(
+            log_ratio, advantages, mask, self.epsilon_low, self.epsilon_high
+        )
+
+
+@dataclass(frozen=True)
+class GSPO(PPOClip):
+    """PPO's clip on GSPO's sequence ratio s_i = (pi(o_i)/pi_old(o_i))^(1/|o_i|) (Zheng et al.
+    2025, arXiv 2507.18071), in the GSPO-token form: each token carries s_i's value with the
+    gradient of its own log-prob / |o_i|. The paper clips to [1 - 3e-4, 1 + 4e-4]."""
+
+    ratio_level: ClassVar[str] = "sequence"
+    epsilon_low: float = ranged(3e-4, _EPS_LOW)
+    epsilon_high: float = ranged(4e-4, _EPS_HIGH)
