@@ -81,3 +81,41 @@ class GSPO(PPOClip):
     ratio_level: ClassVar[str] = "sequence"
     epsilon_low: float = ranged(3e-4, _EPS_LOW)
     epsilon_high: float = ranged(4e-4, _EPS_HIGH)
+
+
+@dataclass(frozen=True)
+class CISPO:
+    """sg(clip(rho, min_weight, max_weight)) * A * log pi_theta per token: CISPO, MiniMax-M1
+    (arXiv 2506.13585) eq. 4. The importance weight is clipped and detached, so every token keeps
+    its gradient A * w * grad log pi (PPO's clip drops the clipped tokens' gradient).
+
+    min_weight, max_weight: absolute bounds on the weight rho itself, not 1 -/+ epsilon. The
+    paper's clip(rho, 1 - eps_low, 1 + eps_high) is min_weight = 1 - eps_low, max_weight =
+    1 + eps_high; it sets no lower bound in practice (min_weight 0). TRL's ``epsilon_high`` for
+    loss_type="cispo" is this max_weight (its docs advise 5.0, the default here).
+    """
+
+    GROUP: ClassVar[str] = "surrogate"
+    min_weight: float = ranged(0.0, Range(ge=0, lt=1, why="0 = no lower bound"))
+    max_weight: float = ranged(5.0, Range(gt=1, infinite=True, why="inf = no upper bound"))
+
+    def __post_init__(self) -> None:
+        fields.check(self, "surrogate.")
+
+    def __call__(
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        log_ratio = logp - old_logp  # (N, T)
+        weight = torch.exp(log_ratio.detach()).clamp(self.min_weight, self.max_weight)
+        adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (N, 1)
+        return weight * adv * logp, log_ratio
+
+    def clip_fractions(
+        self, log_ratio: Tensor, advantages: Tensor, mask: Tensor
+    ) -> dict[str, Tensor]:
+        """Fractions of real tokens whose weight was clipped below, above, either."""
+        ratio = torch.exp(log_ratio.detach())
+        n = mask.sum().clamp(min=1)
+        low = ((ratio < self.min_weight) & mask.bool()).sum() / n
+        high = ((ratio > self.max_weight) & mask.bool()).sum() / n
+        return {"low": low, "high": high, "region": low + high}
