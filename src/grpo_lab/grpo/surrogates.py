@@ -119,3 +119,35 @@ class CISPO:
         low = ((ratio < self.min_weight) & mask.bool()).sum() / n
         high = ((ratio > self.max_weight) & mask.bool()).sum() / n
         return {"low": low, "high": high, "region": low + high}
+
+
+@dataclass(frozen=True)
+class SAPO:
+    """(4 / tau) * sigmoid(tau * (rho - 1)) * A per token, tau = tau_pos where A > 0 and tau_neg
+    where A <= 0: SAPO (Qwen, arXiv 2511.20347), as TRL's loss_type="sapo" implements it. A smooth
+    gate in place of the hard clip: its slope in rho is 1 at rho = 1 (the on-policy gradient) and
+    fades as rho leaves 1, faster for the larger temperature. No token is clipped, so the logged
+    clip fractions are 0.
+    """
+
+    GROUP: ClassVar[str] = "surrogate"
+    tau_pos: float = ranged(1.0, Range(gt=0))
+    tau_neg: float = ranged(1.05, Range(gt=0))
+
+    def __post_init__(self) -> None:
+        fields.check(self, "surrogate.")
+
+    def __call__(
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        log_ratio = logp - old_logp  # (N, T)
+        adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # (N, 1)
+        tau = torch.where(adv > 0, self.tau_pos, self.tau_neg)  # (N, 1)
+        gate = torch.sigmoid(tau * (torch.exp(log_ratio) - 1.0)) * 4.0 / tau
+        return gate * adv, log_ratio
+
+    def clip_fractions(
+        self, log_ratio: Tensor, advantages: Tensor, mask: Tensor
+    ) -> dict[str, Tensor]:
+        zero = torch.zeros((), device=log_ratio.device)
+        return {"low": zero, "high": zero, "region": zero}
