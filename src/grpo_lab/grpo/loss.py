@@ -32,11 +32,17 @@ class LossOptions:
 
     entropy_coef: > 0 subtracts coef * H(pi(.|q, o_<t)) per token.
     mask_truncated: completions cut at sampler.max_new_tokens get no loss (DAPO's overlong filter).
+    top_entropy_quantile: rho < 1 gives the policy-gradient term to the top rho of the rollout's
+      completion tokens by pi_old's entropy only (Wang et al. 2025, "Beyond the 80/20 rule",
+      arXiv 2506.01939; TRL's top_entropy_quantile). The threshold is the (1 - rho) quantile over
+      every completion token of the rollout batch on every rank, so the micro-batch size and the
+      number of processes do not change which tokens are kept (TRL takes it per micro-batch).
     """
 
     GROUP: ClassVar[str] = "loss"
     entropy_coef: float = ranged(0.0, Range(ge=0, why="0 = no entropy bonus"))
     mask_truncated: bool = False
+    top_entropy_quantile: float = ranged(1.0, Range(gt=0, le=1, why="1 = every token"))
 
     def __post_init__(self) -> None:
         fields.check(self, "loss.")
@@ -44,14 +50,40 @@ class LossOptions:
     @property
     def needs_old_entropy(self) -> bool:
         """Whether ``select_tokens`` reads pi_old's entropy (the step computes it only then)."""
-        return False
+        return self.top_entropy_quantile < 1.0
 
     def select_tokens(
         self, old_entropy: Tensor | None, mask: Tensor
     ) -> tuple[Tensor | None, dict[str, float]]:
         """The tokens (N, T) of a whole rollout that get the policy-gradient term, or None for
         all of them, and diagnostics. mask: (N, T) real completion tokens."""
-        return None, {}
+        if not self.needs_old_entropy:
+            return None, {}
+        real = mask.bool()
+        every_rank = _all_ranks(old_entropy[real].float())  # (tokens on all ranks,)
+        threshold = torch.quantile(every_rank, 1.0 - self.top_entropy_quantile)
+        keep = (old_entropy >= threshold) & real  # (N, T)
+        stats = {
+            "entropy/threshold": threshold.item(),
+            "entropy/selected_fraction": (keep.sum() / real.sum().clamp(min=1)).item(),
+        }
+        return keep, stats
+
+
+def _all_ranks(values: Tensor) -> Tensor:
+    """The 1-D ``values`` of every process, concatenated (this process's alone without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    world = torch.distributed.get_world_size()
+    size = torch.tensor([values.numel()], device=values.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
 
 
 def policy_loss(
