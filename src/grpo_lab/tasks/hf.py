@@ -275,6 +275,7 @@ class HfTask:
         seed: int = 0,
     ) -> None:
         # Rules and numbers first: a typo fails before a dataset is downloaded.
+        self.answer_extraction = answer_extraction
         self._extract = answer_rule(answer_extraction, "answer_extraction", EXTRACTIONS)
         self._parse = answer_rule(answer_format, "answer_format", FORMATS)
         if not 0.0 < eval_fraction < 1.0:
@@ -318,7 +319,12 @@ class HfTask:
                 )
             train, evals = train.select(train_rows), train.select(eval_rows)
             self.eval_split = None
-        keep = without_eval_duplicates(list(train[prompt_field]), list(evals[prompt_field]))
+        self.split = split
+        train_examples = self._examples(train, split)
+        self._eval = self._examples(evals, self.eval_split or f"{split} (held out)")
+        keep = without_eval_duplicates(
+            [ex.prompt for ex in train_examples], [ex.prompt for ex in self._eval]
+        )
         self.duplicates_removed = len(train) - len(keep)
         if not keep:
             raise ValueError(
@@ -330,10 +336,8 @@ class HfTask:
                 self.duplicates_removed,
             )
             train = train.select(keep)
-        self.split = split
+        self._train = [train_examples[i] for i in keep]
         self.train_dataset, self.eval_dataset = train, evals
-        self._train = self._examples(train, split)
-        self._eval = self._examples(evals, self.eval_split or f"{split} (held out)")
 
     def _capped(self, ds: Any, split: str, max_examples: int | None) -> Any:
         """The split's first ``max_examples`` rows, once its columns are checked."""
@@ -344,6 +348,15 @@ class HfTask:
                 f"task.{key}={field!r} is not a column of {self.source['path']} split "
                 f"{split!r}; columns: {ds.column_names}"
             )
+        for key, field in self.fields.items():
+            # a Value is a string or a number; a list of messages (a conversation) is not text
+            feature = ds.features[field]
+            if not isinstance(feature, import_datasets().Value):
+                raise ValueError(
+                    f"task.{key}={field!r} of {self.source['path']} split {split!r} holds "
+                    f"{type(feature).__name__} values, not text (a conversation? prompts are "
+                    "text; put the system prompt in task.system_prompt)"
+                )
         if not len(ds):
             raise ValueError(f"{self.source['path']} split {split!r} has no rows")
         return ds.select(range(min(len(ds), max_examples))) if max_examples else ds
@@ -353,19 +366,19 @@ class HfTask:
         examples = []
         for row in range(len(ds)):
             values = {key: col[row] for key, col in columns.items()}
-            for key, value in values.items():
-                if not isinstance(value, str | int | float) or isinstance(value, bool):
-                    raise ValueError(
-                        f"{self.source['path']} split {split!r} row {row}: "
-                        f"task.{key}={self.fields[key]!r} holds a {type(value).__name__}, not "
-                        "text (a conversation? prompts are text; put the system prompt in "
-                        "task.system_prompt)"
-                    )
+            missing = [key for key, value in values.items() if value is None]
+            if missing:
+                raise ValueError(
+                    f"{self.source['path']} split {split!r} row {row}: "
+                    f"task.{missing[0]}={self.fields[missing[0]]!r} is empty (null)"
+                )
             answer = self._extract(str(values["answer_field"]))
             if answer is None:
                 raise ValueError(
-                    f"{self.source['path']} split {split!r} row {row}: task.answer_extraction "
-                    f"finds no answer in {str(values['answer_field'])[-80:]!r}"
+                    f"{self.source['path']} split {split!r} row {row}: "
+                    f"task.answer_extraction={self.answer_extraction!r} finds no answer in "
+                    f"task.answer_field={self.fields['answer_field']!r}: "
+                    f"{str(values['answer_field'])[-80:]!r}"
                 )
             demo = values.get("demonstration_field")
             examples.append(
