@@ -117,6 +117,8 @@ def test_last_boxed_is_linear_on_deep_nesting():
         ("<answer>1</answer> no, <answer>\n2\n</answer>", "2"),
         ("<answer>1", None),
         ("<ANSWER>1</ANSWER>", None),
+        ("<answer>1<answer>2</answer>", "2"),  # the opening tag nearest the last closing one
+        ("</answer><answer>", None),
     ],
 )
 def test_answer_tag_takes_the_last_closed_tag(text, answer):

@@ -37,7 +37,6 @@ EXTRA = "pip install 'grpo-lab[hf]'"
 # A number as people write it: optional sign, thousands commas, decimals ("1,234.5", "-3", ".5").
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 _BOXED = "\\boxed{"
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def gsm8k_answer(text: str) -> str | None:
@@ -71,9 +70,15 @@ def last_boxed(text: str) -> str | None:
 
 
 def answer_tag(text: str) -> str | None:
-    """The stripped content of the last ``<answer>...</answer>``, or None."""
-    matches = _ANSWER_TAG.findall(text)
-    return matches[-1].strip() if matches else None
+    """The stripped text between the last ``</answer>`` and the ``<answer>`` before it, or None.
+
+    Searched from the end, not with a lazy regex: on ``<answer>`` repeated with no closing tag
+    a regex would scan to the end from every opening tag (quadratic)."""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, max(end, 0))
+    if end < 0 or start < 0:
+        return None
+    return text[start + len("<answer>") : end].strip()
 
 
 def last_number(text: str) -> str | None:
