@@ -16,7 +16,9 @@ parent run:
   standard deviation over the runs with that value, every run as a dot);
 - ``verdicts.txt``: per swept key and per setting of the other swept keys, the best value
   against each other value: the difference, its 95% interval over seeds (paired by seed, or
-  Welch) and "clear" only when that interval excludes 0 (rules in ``stats.py``).
+  Welch) and "clear" only when that interval excludes 0 (rules in ``stats.py``); then a
+  ``data:`` line per dataset context and seed where the arms' MLflow dataset digests differ
+  (also the Data section of ``table.md``).
 """
 
 from __future__ import annotations
