@@ -145,6 +145,8 @@ def test_last_number_reads_thousands_commas(text, number):
         ("$1,234", "1234", True),
         ("72.", "72", True),
         ("-0", "0", True),
+        ("-0.00", "0", True),
+        ("1e3", "1000", False),  # scientific notation is text here
         ("0.50", ".5", True),
         ("72", "27", False),
         (r"\frac{1}{2}", r"\frac{1}{2}", True),
@@ -473,3 +475,14 @@ def test_a_local_qwen2_chat_model_trains_through_its_chat_template(
     keys = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"].keys()
     adapted = {k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in keys if ".lora_A" in k}
     assert adapted == ({"q_proj", "v_proj", "gate_proj"} if lora else set())
+
+
+@pytest.mark.slow
+def test_a_bad_field_on_the_command_line_is_a_usage_error_before_any_training(run_cli, data):
+    proc = run_cli(
+        "train", *hf_overrides(str(data / "disk"), "task.prompt_field=problem"), check=False
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "task.prompt_field='problem' is not a column of" in proc.stderr
+    assert "columns: ['question', 'answer', 'solution']" in proc.stderr
+    assert "Traceback" not in proc.stderr and "sft step" not in proc.stdout + proc.stderr

@@ -42,7 +42,7 @@ _BOXED = "\\boxed{"
 def gsm8k_answer(text: str) -> str | None:
     """GSM8K's gold answer: the text after the last ``####``, stripped, commas removed
     (``"... #### 1,234"`` -> ``"1234"``); None when there is no ``####``."""
-    head, sep, tail = text.rpartition("####")
+    _, sep, tail = text.rpartition("####")
     if not sep:
         return None
     return tail.strip().replace(",", "") or None
@@ -131,8 +131,10 @@ def normalize_answer(answer: str) -> str:
         return bare
     try:
         number = Decimal(bare)
+        if number == 0:  # "-0", "0.00"
+            return "0"
         if number == number.to_integral_value():
-            return str(abs(number) if number == 0 else number.quantize(Decimal(1)))
+            return str(number.quantize(Decimal(1)))
         return format(number.normalize(), "f")
     except InvalidOperation:  # beyond the context's 28 digits
         return bare
