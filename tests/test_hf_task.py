@@ -43,6 +43,12 @@ def rows(n_a: int = 6, n_b: int = 5) -> list[dict]:
     ]
 
 
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """load_dataset's Arrow cache in the test's directory, not in ~/.cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The same 30 rows (plus one duplicate question) three ways: a save_to_disk directory, a
@@ -231,6 +237,18 @@ def test_json_and_parquet_files_load_through_load_dataset_like_the_saved_directo
     a, b = (int(x) for x in ex.prompt.removeprefix("What is ").removesuffix("?").split(" plus "))
     assert ex.answer == str(a + b)
     assert ex.target == f"<think>{a}+{b}</think><answer>\\boxed{{{a + b}}}</answer>"
+
+
+def test_data_files_per_split_from_the_command_line_give_the_own_test_split(data, tmp_path):
+    from omegaconf import OmegaConf
+
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"question": "What is 9 plus 9?", "answer": "#### 18"}) + "\n")
+    # as Hydra passes task.data_files={train:...,test:...}: a DictConfig
+    files = OmegaConf.create({"train": str(data / "data.jsonl"), "test": str(test)})
+    task = HfTask("json", data_files=files, answer_extraction="gsm8k")
+    assert task.eval_split == "test" and task.eval() == [Example("What is 9 plus 9?", "18")]
+    assert len(task.train()) == 31 and task.dataset_name == "data.jsonl"
 
 
 def test_max_examples_reads_the_first_rows_of_each_split(data):
