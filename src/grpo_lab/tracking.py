@@ -217,6 +217,8 @@ def task_datasets(task: Any, eval_size: int) -> list[tuple[Any, str]]:
     import mlflow.data
 
     hf_train = getattr(task, "train_dataset", None)
+    if type(hf_train).__module__.partition(".")[0] != "datasets":
+        hf_train = None  # a task of the user's own may name something else train_dataset
     with warnings.catch_warnings():
         # MLflow registers LocalArtifactDatasetSource twice, so every local source "can be
         # interpreted in multiple ways" (both are the same class).
