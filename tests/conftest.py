@@ -135,3 +135,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA device (marked gpu)")
+
+
+# Lines the local chat model's tokenizer is trained on: the characters of the hf-task tests'
+# prompts, answers and tags (byte-level BPE encodes any other text too, in more tokens).
+CHAT_TEXTS = [
+    "You are a helpful assistant. Answer with <think> reasoning </think><answer> \\boxed{} </answer>.",
+    *(f"What is {a} plus {b}? {a}+{b}={a + b} #### {a + b}" for a in range(10) for b in range(10)),
+    "<think> 3+4 </think><answer> \\boxed{7} </answer>",
+]
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A Qwen2-architecture model with random weights (hidden 64, 2 layers) and a BPE tokenizer
+    with a ChatML chat template, written by save_pretrained (``grpo_lab.testing``)."""
+    from grpo_lab.testing import save_chat_model
+
+    return save_chat_model(tmp_path_factory.mktemp("chat-model") / "qwen2-tiny", CHAT_TEXTS)

@@ -43,6 +43,14 @@ PARAMS = [
 FILL_IN = {
     ("task", "jsonl"): lambda tmp: [f"task.path={_jsonl(tmp)}"],
     ("task", "custom"): lambda tmp: ["task._target_=grpo_lab.tasks.ArithmeticTask"],
+    # a JSON file read by datasets' load_dataset("json", data_files=...)
+    ("task", "hf"): lambda tmp: [
+        "task.path=json",
+        f"task.data_files={_jsonl(tmp)}",
+        "task.prompt_field=prompt",
+        "task.answer_field=answer",
+        "task.answer_extraction=none",
+    ],
     ("reward", "custom"): lambda tmp: [
         "reward.functions.custom._target_=grpo_lab.rewards.accuracy_reward"
     ],
@@ -56,6 +64,7 @@ NOT_BUILT = {
     ("policy", "pretrained"): "loads a model from the hub or a directory (test_pretrained_policy)",
     ("reward", "model"): "loads a reward model from the hub or a directory (test_rewards_extra)",
     ("reward", "embedding"): "loads an embedding model from the hub (test_rewards_extra)",
+    ("task", "gsm8k"): "loads openai/gsm8k from the hub (task=hf is built from a local file)",
     ("trainer", "deepspeed"): "needs the deepspeed extra and GPUs (refused by the config check)",
     ("trainer", "fsdp"): "needs 2 GPUs",
     ("trainer", "ddp"): "starts 2 processes (test_ddp)",

@@ -71,6 +71,9 @@ HOSTILE = {
     "format_string": "{0.__class__.__mro__}%s%n",
     "division_by_zero": "1/0",
     "ansi_escape": "\x1b[2J\x1b[31m82",
+    "boxed_nested_100k": "\\boxed{" * 100_000 + "1" + "}" * 99_999,  # one brace short
+    "answer_tags_unclosed_100k": "<answer>" * 100_000,
+    "r1_tags_100k": "<think></think><answer>" * 100_000 + "</answer>",
 }
 assert len(HOSTILE) >= 20
 
@@ -80,8 +83,12 @@ TASKS = {
     "compare": ["task=compare", "task.train_size=20", "task.eval_size=5"],
     "jsonl": ["task=jsonl", "task.path={jsonl}"],
     "jsonl_pattern": ["task=jsonl", "task.path={jsonl}", r"task.answer_pattern='answer:\s*(\S+)'"],
+    **{
+        f"hf_{fmt}": ["task=hf", "task.path={hf}", f"task.answer_format={fmt}"]
+        for fmt in ("boxed", "answer_tag", "last_number")
+    },
 }
-RULE_REWARDS = ["accuracy", "format", "length", "overlong", "accuracy_format"]
+RULE_REWARDS = ["accuracy", "format", "length", "overlong", "accuracy_format", "r1_format"]
 MODEL_REWARDS = {
     "embedding": ["reward=embedding", "reward.functions.embedding.model={embed}"],
     "model": ["reward=model", "reward.functions.model.model={rm}"],
@@ -227,6 +234,12 @@ def worker(workdir, model_dirs):
     jsonl = workdir / "data.jsonl"
     jsonl.write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(20)))
     paths["jsonl"] = str(jsonl)
+    import datasets
+
+    paths["hf"] = str(workdir / "hf")
+    datasets.Dataset.from_list(
+        [{"question": f"{i}+1=", "answer": f"{i + 1}"} for i in range(20)]
+    ).save_to_disk(paths["hf"])
     w = Worker(paths)
     yield w
     w.close()
@@ -325,8 +338,8 @@ def test_model_rewards_score_a_long_completion_by_its_first_max_length_tokens(mo
 
 
 def test_every_printed_and_documented_mlflow_ui_command_binds_to_localhost():
-    from helpers import ROOT
     from grpo_lab import sweep, tracking
+    from helpers import ROOT
 
     assert tracking.ui_command("sqlite:///mlflow.db") == (
         "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"

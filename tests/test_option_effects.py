@@ -24,8 +24,10 @@ Options of the README's tables that are pinned elsewhere:
   policy.lora.enabled, policy.lora.target_modules                            -> test_lora.py
   policy.use_chat_template, a task's system prompt  -> test_chat.py, test_prompt_rendering.py
   task=countdown|compare|jsonl|custom and their fields   -> test_tasks.py, test_arithmetic_task.py
+  task=hf|gsm8k and their fields, a chat model with LoRA on and off        -> test_hf_task.py
   reward=accuracy|format|length|overlong|embedding|model|custom
                                               -> test_rewards_basic.py, test_rewards_extra.py
+  reward=r1_format                                                         -> test_r1_format.py
   experiment=* composes to its settings                                 -> test_presets.py
 """
 

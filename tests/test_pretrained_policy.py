@@ -6,9 +6,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from helpers import FAST
 from grpo_lab.policy import load_pretrained, tiny_llama
 from grpo_lab.sampling import KVCacheSampler
+from helpers import FAST
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,8 @@ def test_report_of_a_sweep_folder_has_one_row_per_configuration(grid_sweep):
     assert df["eval_acc_best"].ge(df["eval_acc_final"] - 1e-9).all()
     md = (out / "table.md").read_text()
     assert md.count("| G=") == 4 and "## Verdicts" in md
+    # G and epsilon do not change the data: no data line among the verdicts below
+    assert "Every arm trained and scored on the same data" in md
     lines = (out / "verdicts.txt").read_text().splitlines()
     # like with like: each key within each value of the other; one seed each (the seed param, 0)
     heads = ["G at eps=0.1", "G at eps=0.2", "epsilon at G=2", "epsilon at G=4"]

@@ -201,6 +201,13 @@ def test_a_run_killed_midway_resumes_into_the_same_mlflow_run(
         out / "checkpoints" / "last.ckpt"
     )
 
+    def datasets(r: str) -> list[tuple]:
+        inputs = client.get_run(r).inputs.dataset_inputs
+        return sorted((d.dataset.name, d.dataset.digest, d.tags[0].value) for d in inputs)
+
+    # logged at the first start, not again on resume: the clean run's two, the same digests
+    assert datasets(run_id) == datasets(clean_id) and len(datasets(run_id)) == 2
+
     resumed, clean = points_of(client, run_id), points_of(client, clean_id)
     assert resumed.keys() == clean.keys()
     assert [s for s, _ in clean["rollout"]] == list(range(1, 9))

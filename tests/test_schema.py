@@ -281,6 +281,9 @@ NOT_NUMERIC_NULLABLE = {
     "task.demonstration_field",
     "task.system_prompt",
     "task.answer_pattern",
+    "task.name",  # task=hf: the dataset's config name
+    "task.data_files",
+    "task.revision",
 }
 
 

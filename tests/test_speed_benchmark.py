@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import ROOT, THREADS_PER_WORKER
 from grpo_lab.policy import tiny_llama
+from helpers import ROOT, THREADS_PER_WORKER
 
 
 def load_speed():

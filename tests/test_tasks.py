@@ -12,10 +12,10 @@ from fractions import Fraction
 import pytest
 from mlflow import MlflowClient
 
-from helpers import FAST
 from grpo_lab.tasks import CompareTask, CountdownTask, Example, JsonlTask, Task
 from grpo_lab.tasks.compare import trap_kind
 from grpo_lab.tasks.safe_expr import ExprError, evaluate, reaches_target
+from helpers import FAST
 
 # FAST without its arithmetic-only keys, and one rollout: the runs check wiring, not learning.
 FAST_ANY_TASK = [o for o in FAST if not o.startswith(("task.", "train.rollouts="))] + [

@@ -222,6 +222,7 @@ RULES: dict[str, Rule | Bound] = {
     "task.max_int": _int(ge=1),
     "task.max_decimals": _int(ge=1),
     "task.eval_fraction": _num(gt=0, lt=1),
+    "task.max_examples": _int(ge=1, nullable=True, why="null = every row"),
     # reward.* of the shipped rewards
     "reward.weights.*": _num(),
     "reward.functions.length.target": _int(ge=0, why="tokens allowed for free"),

@@ -223,6 +223,8 @@ def train(cfg: DictConfig) -> float:
 def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None) -> float:
     """Build the parts, evaluate the start, fit, evaluate the end; returns the objective."""
     task = instantiate(cfg.task)
+    if distributed.launched_rank() == 0:  # the run's Datasets panel: what it trains and scores on
+        tracking.log_datasets(logger, task, cfg.train.eval_size)
     rewards = build_rewards(cfg)
     sampler = instantiate(cfg.sampler)
     policy, sft_path = build_policy(cfg, task)
@@ -304,6 +306,7 @@ def silence_noise() -> None:
     import transformers
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # task=hf; read at import
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     # Lightning adds its own console handler; Hydra's root handler already prints (and files) it.

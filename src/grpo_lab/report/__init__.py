@@ -16,7 +16,9 @@ parent run:
   standard deviation over the runs with that value, every run as a dot);
 - ``verdicts.txt``: per swept key and per setting of the other swept keys, the best value
   against each other value: the difference, its 95% interval over seeds (paired by seed, or
-  Welch) and "clear" only when that interval excludes 0 (rules in ``stats.py``).
+  Welch) and "clear" only when that interval excludes 0 (rules in ``stats.py``); then a
+  ``data:`` line per dataset context and seed where the arms' MLflow dataset digests differ
+  (also the Data section of ``table.md``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from typing import Any
 
 from grpo_lab.report.load import Job, Sweep, load
 from grpo_lab.report.plots import SMOOTH_WINDOW, plot_curves, plot_objective
-from grpo_lab.report.stats import COLUMNS, config_keys, table, verdicts
+from grpo_lab.report.stats import COLUMNS, config_keys, data_differences, table, verdicts
 
-__all__ = ["Job", "Sweep", "load", "main", "table", "verdicts", "write_report"]
+__all__ = ["Job", "Sweep", "data_differences", "load", "main", "table", "verdicts", "write_report"]
 
 
 def to_markdown(df, objective_name: str) -> str:
@@ -53,6 +55,16 @@ def to_markdown(df, objective_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def data_summary(sweep: Sweep, differences: list[str]) -> str:
+    """The table's Data section: where the arms' datasets (MLflow digests) differ, or that they
+    do not."""
+    if differences:
+        return "".join(f"- {line}\n" for line in differences)
+    if not any(job.data for job in sweep.jobs):
+        return "The runs logged no datasets (runs from before grpo_lab logged them).\n"
+    return "Every arm trained and scored on the same data (the same MLflow dataset digests, seed by seed).\n"
+
+
 def write_report(sweep: Sweep, out: Path, smooth_window: int = SMOOTH_WINDOW) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     df = table(sweep)
@@ -64,6 +76,8 @@ def write_report(sweep: Sweep, out: Path, smooth_window: int = SMOOTH_WINDOW) ->
     }
     df.to_csv(files["table.csv"], index=False)
     lines = verdicts(sweep)
+    # A verdict between arms that trained or scored on different data compares more than the key.
+    data = data_differences(sweep)
     files["table.md"].write_text(
         f"# Sweep {sweep.sweep_id}\n\n"
         + to_markdown(df, sweep.objective_name)
@@ -72,8 +86,10 @@ def write_report(sweep: Sweep, out: Path, smooth_window: int = SMOOTH_WINDOW) ->
         + "over seeds (paired by seed when both sides ran the same seeds, else Welch). "
         + "`clear`: the 95% interval of the difference excludes 0.\n\n"
         + "".join(f"- {v}\n" for v in lines)
+        + "\n## Data\n\n"
+        + data_summary(sweep, data)
     )
-    files["verdicts.txt"].write_text("\n".join(lines) + "\n")
+    files["verdicts.txt"].write_text("\n".join(lines + data) + "\n")
     plot_curves(sweep, files["curves.png"], smooth_window)
     for key in config_keys(sweep):
         name = f"objective_vs_{key.replace('/', '_')}.png"

@@ -29,6 +29,8 @@ class Job:
     values: dict[str, float] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     seed: str | None = None  # the run's seed (swept, else its logged param): pairs replicates
+    # MLflow dataset inputs: context ("training", "evaluation") -> (dataset name, digest)
+    data: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,7 +91,19 @@ def _job_from_run(client: Any, run: Any, swept: dict[str, str]) -> Job:
         values=values,
         curves={"reward": hist["reward"], "eval/accuracy": hist["eval/accuracy"]},
         seed=swept.get("seed") or run.data.params.get("seed"),
+        data=dataset_inputs(run),
     )
+
+
+def dataset_inputs(run: Any) -> dict[str, tuple[str, str]]:
+    """context -> (name, digest) of the datasets a run logged (``tracking.log_datasets``)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    out = {}
+    for di in run.inputs.dataset_inputs if run.inputs else []:
+        context = next((t.value for t in di.tags if t.key == MLFLOW_DATASET_CONTEXT), "")
+        out[context] = (di.dataset.name, di.dataset.digest)
+    return out
 
 
 def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | None, str]:

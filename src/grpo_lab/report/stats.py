@@ -200,6 +200,34 @@ def label(swept: dict[str, str], keys: list[str]) -> str:
     )
 
 
+def data_differences(sweep: Sweep) -> list[str]:
+    """One line per dataset context and seed in which the arms did not all use the same data
+    (the MLflow dataset digests of ``tracking.log_datasets``); empty when they did.
+
+    Runs are compared seed by seed: a task whose split depends on the seed gives each seed its
+    own data, in every arm alike. Runs that logged no dataset are left out.
+    """
+    keys = config_keys(sweep)
+    contexts = sorted(
+        {c for job in sweep.jobs for c in job.data}, key=lambda c: (c != "training", c)
+    )
+    lines = []
+    for context in contexts:
+        seeds = sorted({str(j.seed) for j in sweep.jobs if context in j.data})
+        for seed in seeds:
+            arms: dict[tuple[str, str], set[str]] = {}
+            for job in sweep.jobs:
+                if context in job.data and str(job.seed) == seed:
+                    arms.setdefault(job.data[context], set()).add(label(job.swept, keys))
+            if len(arms) > 1:
+                parts = "; ".join(
+                    f"{name} (digest {digest}) in {', '.join(sorted(labels))}"
+                    for (name, digest), labels in sorted(arms.items())
+                )
+                lines.append(f"data: the arms' {context} data differ (seed {seed}): {parts}")
+    return lines
+
+
 def groups(sweep: Sweep) -> dict[tuple[str, ...], list[Job]]:
     keys = config_keys(sweep)
     out: dict[tuple[str, ...], list[Job]] = {}

@@ -10,7 +10,7 @@ lengths (list[int], completion tokens including EOS), max_new_tokens (int). Func
 what they need and accept ``**_`` for the rest.
 """
 
-from grpo_lab.rewards.basic import accuracy_reward, format_reward
+from grpo_lab.rewards.basic import accuracy_reward, format_reward, r1_format_reward
 from grpo_lab.rewards.combine import RewardError, RewardSet
 from grpo_lab.rewards.length import length_penalty, overlong_penalty
 from grpo_lab.rewards.model import EmbeddingSimilarity, RewardModel
@@ -24,4 +24,5 @@ __all__ = [
     "format_reward",
     "length_penalty",
     "overlong_penalty",
+    "r1_format_reward",
 ]

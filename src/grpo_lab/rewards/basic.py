@@ -52,3 +52,28 @@ def format_reward(
         else 0.0
         for c, cut in zip(completions, truncated, strict=True)
     ]
+
+
+# R1's completion form: <think> reasoning </think> then <answer> answer </answer>.
+R1_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_R1_FORM = re.compile(r"\s*<think>.*</think>\s*<answer>.*</answer>\s*", re.DOTALL)
+
+
+def r1_format_reward(completions: list[str], examples: list[Example], **_: Any) -> list[float]:
+    """1.0 when a completion has DeepSeek-R1's form, else 0.0.
+
+    The form: ``<think>...</think>`` then ``<answer>...</answer>``, each tag exactly once, with
+    only whitespace before ``<think>``, between ``</think>`` and ``<answer>``, and after
+    ``</answer>``; anything (empty included) inside the tags. open-r1's ``format_reward``
+    checks the same structure with ``^<think>\\n.*?\\n</think>\\n<answer>\\n.*?\\n</answer>$``
+    under ``re.MULTILINE``; this one lets any whitespace (or none) stand for its newlines,
+    and is stricter where that pattern leaks: ``$`` under MULTILINE accepts text after a
+    newline that follows ``</answer>``, and ``.*?`` accepts a second ``<answer>`` block.
+    Counting the tags first keeps the regex linear on hostile text.
+    """
+    return [
+        1.0
+        if all(c.count(tag) == 1 for tag in R1_TAGS) and _R1_FORM.fullmatch(c) is not None
+        else 0.0
+        for c in completions
+    ]

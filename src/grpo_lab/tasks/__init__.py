@@ -5,6 +5,7 @@ from grpo_lab.tasks.base import Example, Task
 from grpo_lab.tasks.chat import render_prompts
 from grpo_lab.tasks.compare import CompareTask
 from grpo_lab.tasks.countdown import CountdownTask
+from grpo_lab.tasks.hf import HfTask
 from grpo_lab.tasks.jsonl import JsonlTask
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "CompareTask",
     "CountdownTask",
     "Example",
+    "HfTask",
     "JsonlTask",
     "Task",
     "render_prompts",

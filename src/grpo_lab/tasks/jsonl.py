@@ -43,6 +43,17 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     return records
 
 
+def last_match(pattern: re.Pattern, text: str) -> str | None:
+    """The stripped last match of ``pattern`` in ``text`` (its group 1 if it has groups), or None."""
+    last = None
+    for last in pattern.finditer(text):  # noqa: B007 -- only the last one is kept
+        pass
+    if last is None:
+        return None
+    value = last.group(1) if pattern.groups else last.group(0)
+    return None if value is None else value.strip()  # None: an optional group that took no part
+
+
 def read_records(path: str | Path) -> list[tuple[str, Any]]:
     """(where, record) pairs of a JSONL or Parquet file; ``where`` is "line N" or "row N"."""
     path = Path(path)
@@ -94,6 +105,9 @@ class JsonlTask:
             raise ValueError(
                 f"task.answer_pattern={answer_pattern!r} is not a valid regex: {err}"
             ) from None
+        # where the data came from (the MLflow run's dataset source)
+        self.data_source = str(Path(path).resolve())
+        self.eval_source = str(Path(eval_path).resolve()) if eval_path else self.data_source
         train = self._load(Path(path))
         if eval_path:
             self._train, self._eval = train, self._load(Path(eval_path))
@@ -148,11 +162,7 @@ class JsonlTask:
         if self._pattern is None:
             text = completion.strip()
             return text or None
-        matches = list(self._pattern.finditer(completion))
-        if not matches:
-            return None
-        last = matches[-1]
-        return (last.group(1) if self._pattern.groups else last.group(0)).strip()
+        return last_match(self._pattern, completion)
 
     def is_correct(self, completion: str, example: Example) -> bool:
         return self.parse_answer(completion) == example.answer.strip()
