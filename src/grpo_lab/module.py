@@ -96,6 +96,8 @@ class Rollout:
     sampling_gap: (N, T) |log q - log pi_old| per token (q: the sampler's distribution), NaN
                  on rows no update has reached yet; None when the sampler records no q
     reward_errors: name -> (N,) bool, samples that reward.on_error=zero scored 0 (empty: raise)
+    reward_counts: "<fn>/<key>" -> what reward functions counted while scoring this rollout
+                 (e.g. math_verify's timeouts; summed over dynamic sampling's rounds)
     """
 
     completions: Completions
@@ -109,6 +111,7 @@ class Rollout:
     sampling_gap: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
     reward_errors: dict[str, Tensor] = field(default_factory=dict)
+    reward_counts: dict[str, float] = field(default_factory=dict)
 
 
 class GRPOModule(L.LightningModule):
@@ -404,6 +407,7 @@ class GRPOModule(L.LightningModule):
             per_fn=out.per_fn,
             advantages=torch.zeros_like(rewards),
             reward_errors=out.errors,
+            reward_counts=out.counts,
         )
 
     @contextlib.contextmanager
@@ -450,6 +454,8 @@ class GRPOModule(L.LightningModule):
                 stats[f"rewards/{name}/std"] = scores[valid].std(unbiased=False).item()
         for name, failed in rollout.reward_errors.items():
             stats[f"rewards/{name}/errors"] = float(failed.sum())  # samples scored 0
+        for key, value in rollout.reward_counts.items():
+            stats[f"rewards/{key}"] = value
         return stats
 
     def minibatch_size(self, n: int) -> int:
@@ -788,6 +794,11 @@ def _replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: in
         v = v.clone()
         v[rows] = new.reward_errors[k]
         reward_errors[k] = v
+    # every scoring round of the rollout counts (a timeout cost its time even if regrouped)
+    reward_counts = {
+        k: old.reward_counts.get(k, 0.0) + new.reward_counts.get(k, 0.0)
+        for k in old.reward_counts.keys() | new.reward_counts.keys()
+    }
     texts, examples = list(old.texts), list(old.examples)
     for j, r in enumerate(rows.tolist()):
         texts[r], examples[r] = new.texts[j], new.examples[j]
@@ -800,4 +811,5 @@ def _replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: in
         per_fn=per_fn,
         advantages=torch.zeros_like(rewards),
         reward_errors=reward_errors,
+        reward_counts=reward_counts,
     )

@@ -6,6 +6,7 @@ from grpo_lab.tasks.chat import render_prompts
 from grpo_lab.tasks.compare import CompareTask
 from grpo_lab.tasks.countdown import CountdownTask
 from grpo_lab.tasks.jsonl import JsonlTask
+from grpo_lab.tasks.reasoning_gym import ReasoningGymTask
 
 __all__ = [
     "ArithmeticTask",
@@ -13,6 +14,7 @@ __all__ = [
     "CountdownTask",
     "Example",
     "JsonlTask",
+    "ReasoningGymTask",
     "Task",
     "render_prompts",
 ]
