@@ -27,6 +27,7 @@ parser; for plain expressions such as ``1/2`` it calls sympy's ``parse_expr`` (w
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import select
@@ -47,7 +48,8 @@ _RUN_WORKER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__
 
 
 class _Worker:
-    """One worker process and its pipes; ``score`` raises TimeoutError past the deadline."""
+    """One worker process and its pipes. It is started at once and waited for at its first
+    ``send``, so a restart after a timeout overlaps with whatever the caller does next."""
 
     def __init__(self) -> None:
         # The worker runs its file as a script: it imports math-verify, not grpo_lab (whose
@@ -61,9 +63,7 @@ class _Worker:
             stderr=subprocess.DEVNULL,
         )
         self._buffer = b""
-        if self._read_line(_STARTUP_TIMEOUT_S) != "ready":
-            self.stop()
-            raise RuntimeError(f"reward=math_verify: the worker did not start; {INSTALL}")
+        self._ready = False
 
     def _read_line(self, timeout_s: float) -> str:
         """The next line from the worker; TimeoutError past ``timeout_s``, EOFError if it died."""
@@ -81,6 +81,15 @@ class _Worker:
         return line.decode()
 
     def send(self, items: list[tuple[str, str]], options: dict[str, Any]) -> None:
+        if not self._ready:
+            with contextlib.suppress(TimeoutError, EOFError):
+                self._ready = self._read_line(_STARTUP_TIMEOUT_S) == "ready"
+            if not self._ready:
+                self.stop()
+                raise RuntimeError(
+                    f"reward=math_verify: its worker process did not start ({WORKER_SCRIPT}); "
+                    f"check that math-verify imports: {INSTALL}"
+                )
         message = json.dumps({"items": items, "options": options}) + "\n"
         self.proc.stdin.write(message.encode())  # the worker reads a whole line before working
         self.proc.stdin.flush()
@@ -124,10 +133,8 @@ class MathVerifyReward:
             raise ValueError(
                 f"reward.functions.math_verify.timeout_s={timeout_s} is invalid: expected a number > 0"
             )
-        try:
-            import math_verify  # noqa: F401  (fail here, before compute, not in the worker)
-        except ImportError:
-            raise ImportError(f"reward=math_verify needs math-verify: {INSTALL}") from None
+        if importlib.util.find_spec("math_verify") is None:  # before compute, not in the worker
+            raise ImportError(f"reward=math_verify needs math-verify: {INSTALL}")
         self.timeout_s = float(timeout_s)
         self.max_chars = int(max_chars)
         self.options = {
@@ -141,10 +148,11 @@ class MathVerifyReward:
         self._worker: _Worker | None = None
         self._lock = threading.Lock()  # one round trip at a time (threads of a sweep)
         self._timeouts = 0
+        self._finalizer: weakref.finalize | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_worker", "_lock", "_timeouts"):
+        for key in ("_worker", "_lock", "_timeouts", "_finalizer"):
             state.pop(key)
         return state
 
@@ -153,8 +161,10 @@ class MathVerifyReward:
         self._init_runtime()
 
     def _start(self) -> _Worker:
+        if self._finalizer is not None:
+            self._finalizer.detach()  # the old worker is stopped already
         worker = _Worker()
-        weakref.finalize(self, _kill, worker.proc)
+        self._finalizer = weakref.finalize(self, _kill, worker.proc)  # no orphan at exit
         return worker
 
     def close(self) -> None:
@@ -190,7 +200,7 @@ class MathVerifyReward:
                         scores.append(float(self._worker._read_line(self.timeout_s) == "1"))
                 except (TimeoutError, EOFError):
                     self._worker.stop()
-                    self._worker = None
-                    scores.append(0.0)  # this completion; the rest go to a fresh worker
+                    self._worker = self._start()  # starts now, waited for at its first send
+                    scores.append(0.0)  # this completion; the rest go to the fresh worker
                     self._timeouts += 1
         return scores
