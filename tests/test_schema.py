@@ -182,6 +182,8 @@ NOT_NUMERIC_NULLABLE = {
     "task.demonstration_field",
     "task.system_prompt",
     "task.answer_pattern",
+    "task.config",
+    "task.datasets",
 }
 
 

@@ -9,9 +9,10 @@ is an eval question is dropped (procedural generators repeat small problems).
 
 Some of reasoning-gym's scorers run the answer through Python's ``eval`` or sympy's
 ``parse_expr`` (which calls ``eval``): ``EVALUATING_SCORERS``. Model output is untrusted, so an
-answer for those datasets must first pass ``is_plain_expression`` (numbers, names, strings,
-``+ - * / **``, lists: no calls, attributes or subscripts); any other answer is scored as no
-answer (``score_answer(None, entry)``), and so is any answer longer than ``max_answer_chars``.
+answer for those datasets must first pass ``is_safe_for`` (a plain expression: numbers, names,
+strings, ``+ - * / **``, lists, no calls, attributes or subscripts; or, for bare ``eval``, text
+that is not Python at all); any other answer is scored as no answer
+(``score_answer(None, entry)``), and so is any answer longer than ``max_answer_chars``.
 """
 
 from __future__ import annotations
@@ -32,22 +33,29 @@ log = logging.getLogger(__name__)
 INSTALL = "pip install 'grpo-lab[reasoning]'"
 ANSWER_FORMATS = ("raw", "answer_tag", "boxed", "last_line")
 
-# Datasets of reasoning-gym 0.1.25 whose score_answer passes the answer to eval() or sympy's
-# parse_expr/sympify (found by reading each score_answer; tests/test_reasoning_gym.py re-reads
-# them and fails when an installed version adds one that is not listed here).
-EVALUATING_SCORERS = frozenset(
+# Datasets of reasoning-gym 0.1.25 whose score_answer runs the answer through Python's eval()
+# or sympy's parse_expr (which rewrites tokens, then calls eval), found by reading each
+# score_answer; tests/test_reasoning_gym.py re-reads them and fails when an installed version
+# adds one that is not listed here.
+EVAL_SCORERS = frozenset(
     {
         "binary_matrix",
-        "countdown",
-        "intermediate_integration",
         "n_queens",
-        "polynomial_multiplication",
-        "puzzle24",
-        "simple_integration",
+        "number_sorting",  # evals the gold answer only, today; guarded all the same
         "spiral_matrix",
         "string_insertion",
     }
 )
+PARSE_EXPR_SCORERS = frozenset(
+    {
+        "countdown",
+        "intermediate_integration",
+        "polynomial_multiplication",
+        "puzzle24",
+        "simple_integration",
+    }
+)
+EVALUATING_SCORERS = EVAL_SCORERS | PARSE_EXPR_SCORERS
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _INT = re.compile(r"-?[0-9]+")  # ASCII digits only, as the other tasks parse integers
@@ -67,6 +75,12 @@ _PLAIN_NODES = (
     ast.Pow,
     ast.UAdd,
     ast.USub,
+    ast.Call,  # of MATH_FUNCTIONS only, checked below
+)
+# Functions a plain expression may call (reasoning-gym's integration answers use them); sympy's
+# parse_expr maps each name to sympy's function of that name.
+MATH_FUNCTIONS = frozenset(
+    {"sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "exp", "log", "sqrt"}
 )
 
 
@@ -134,9 +148,10 @@ def extract_answer(completion: str, answer_format: str) -> str | None:
 def is_plain_expression(text: str, max_chars: int = 2000) -> bool:
     """True when ``text`` is a Python expression that evaluating cannot turn into an action
     or a huge computation: numbers (at most 100 digits), strings (at most 100 characters),
-    names not starting with ``_``, ``+ - * / **``, unary signs, lists and tuples. A power's
-    exponent must be an integer literal of at most 100 in size and its base must hold no
-    power. No calls, attributes, subscripts, comprehensions or lambdas.
+    names not starting with ``_``, ``+ - * / **``, unary signs, lists and tuples, and calls of
+    ``MATH_FUNCTIONS`` by name with positional arguments. A power's exponent must be an
+    integer literal of at most 100, or a fraction of two such (``(3/2)``), and its base must
+    hold no power. No other calls, no attributes, subscripts, comprehensions or lambdas.
     """
     if len(text) > max_chars:
         return False
@@ -149,6 +164,13 @@ def is_plain_expression(text: str, max_chars: int = 2000) -> bool:
             return False
         if isinstance(node, ast.Name) and node.id.startswith("_"):
             return False
+        if isinstance(node, ast.Call) and not (
+            isinstance(node.func, ast.Name)
+            and node.func.id in MATH_FUNCTIONS
+            and not node.keywords
+            and not any(isinstance(a, ast.Starred) for a in node.args)
+        ):
+            return False
         if isinstance(node, ast.Constant):
             v = node.value
             if isinstance(v, bool) or not isinstance(v, int | float | str):
@@ -158,16 +180,41 @@ def is_plain_expression(text: str, max_chars: int = 2000) -> bool:
             if isinstance(v, int) and abs(v) >= 10**100:
                 return False
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-            exp = node.right
-            if isinstance(exp, ast.UnaryOp):
-                exp = exp.operand
-            if not (isinstance(exp, ast.Constant) and type(exp.value) is int and exp.value <= 100):
+            if not _small_exponent(node.right):
                 return False
             if any(
                 isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node.left)
             ):
                 return False
     return True
+
+
+def is_safe_for(source: str | None, answer: str) -> bool:
+    """True when the dataset's scorer may see ``answer``: always, unless it evaluates answers.
+
+    For eval() scorers, an answer that is not Python at all is safe too (eval stops at the
+    syntax error before running anything; eval strips leading spaces and tabs, so the check
+    does). sympy's parse_expr rewrites tokens first (``3!`` becomes a call), so its scorers
+    get plain expressions only.
+    """
+    if source in PARSE_EXPR_SCORERS:
+        return is_plain_expression(answer)
+    if source in EVAL_SCORERS:
+        try:
+            compile(answer.lstrip(" \t"), "<answer>", "eval", ast.PyCF_ONLY_AST)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return True
+        return is_plain_expression(answer)
+    return True
+
+
+def _small_exponent(node: ast.AST) -> bool:
+    """An integer literal of at most 100 (signed), or a fraction of two such."""
+    if isinstance(node, ast.UnaryOp):
+        node = node.operand
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+        return _small_exponent(node.left) and _small_exponent(node.right)
+    return isinstance(node, ast.Constant) and type(node.value) is int and node.value <= 100
 
 
 def flawed_answer(answer: str, rng: random.Random) -> str:
@@ -396,8 +443,7 @@ class ReasoningGymTask:
         answer = self.parse_answer(completion)
         source = entry["metadata"].get("source_dataset")
         if answer is not None and (
-            len(answer) > self.max_answer_chars
-            or (source in EVALUATING_SCORERS and not is_plain_expression(answer))
+            len(answer) > self.max_answer_chars or not is_safe_for(source, answer)
         ):
             answer = None
         try:
