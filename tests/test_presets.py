@@ -14,8 +14,10 @@ from grpo_lab.config import validate
 from grpo_lab.paths import config_dir
 from grpo_lab.train import algo_config, optimizer_steps
 
-PRESETS = ["dapo", "dr_grpo", "grpo_paper", "gspo"]
+PRESETS = ["countdown_r1", "dapo", "dr_grpo", "grpo_paper", "gspo"]
+GPU_PRESETS = {"countdown_r1"}  # need a GPU and a hub: composed here, not trained
 PAPERS = {  # arXiv id each preset must cite
+    "countdown_r1": "2501.12948",
     "grpo_paper": "2402.03300",
     "dapo": "2503.14476",
     "dr_grpo": "2503.20783",
@@ -23,6 +25,7 @@ PAPERS = {  # arXiv id each preset must cite
 }
 # AlgoConfig fields each preset must set (everything else: the project's defaults)
 EXPECTED = {
+    "countdown_r1": dict(beta=0.001, kl_estimator="k3", kl_mode="loss", G=8),
     "grpo_paper": dict(
         kl_estimator="k3",
         kl_mode="loss",
@@ -107,6 +110,34 @@ def test_dapo_combines_the_accuracy_format_and_overlong_rewards():
     assert reward.functions.overlong._target_ == "grpo_lab.rewards.overlong_penalty"
 
 
+def test_countdown_r1_composes_to_reasoning_gym_countdown_with_the_r1_format():
+    pytest.importorskip("reasoning_gym")
+    import re
+
+    from grpo_lab.instantiate import instantiate
+    from grpo_lab.rewards import format_reward
+
+    cfg = cfg_of("experiment=countdown_r1", "task.train_size=20", "task.eval_size=5")
+    validate(cfg)
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.policy._target_ == "grpo_lab.policy.load_pretrained" and not cfg.sft.enabled
+    assert dict(cfg.reward.weights) == {"reasoning_gym": 1.0, "format": 0.1}
+    task = instantiate(cfg.task)
+    ex = task.eval()[0]
+    assert ex.meta["entry"]["metadata"]["source_dataset"] == "countdown"
+    assert "<answer>" in task.system_prompt
+    r1 = f"<think>try it</think>\n<answer>{ex.answer}</answer>"
+    assert ex.demonstration == f"<think></think><answer>{ex.answer}</answer>"
+    assert task.is_correct(r1, ex) and not task.is_correct(ex.answer, ex)  # the tag is the format
+    pattern = cfg.reward.functions.format.pattern
+    assert format_reward([r1, ex.answer, r1 + " more"], [ex] * 3, pattern=pattern) == [
+        1.0,
+        0.0,
+        0.0,
+    ]
+    assert re.compile(pattern)
+
+
 def test_preset_values_give_way_to_the_command_line():
     cfg = cfg_of("experiment=dapo", "loss.epsilon_high=0.3", "beta=0.01", "kl=k3")
     got = algo_config(cfg)
@@ -186,7 +217,7 @@ CLI_METRICS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", [p for p in PRESETS if p not in GPU_PRESETS])
 def test_preset_trains_one_rollout_through_the_cli(name, run_cli, tracking_uri, tmp_path):
     proc = run_cli(
         "train", f"experiment={name}", *ONE_ROLLOUT, *CLI_EXTRA.get(name, []), env=TESTS_ON_PATH
