@@ -208,3 +208,28 @@ def test_per_completion_overhead_is_small(reward):
     assert reward(completions, examples) == [1.0] * 64
     per_completion = (time.perf_counter() - t0) / 64
     assert per_completion < 0.05, per_completion
+
+
+@pytest.mark.slow
+def test_cli_logs_math_verify_alone_with_its_timeouts(run_cli, tracking_uri):
+    """Through the real CLI, with dynamic sampling on (several scoring rounds per rollout)."""
+    from mlflow import MlflowClient
+
+    from conftest import FAST
+
+    overrides = [o for o in FAST if o != "train.dynamic_sampling=false"]
+    run_cli(
+        "train",
+        *overrides,
+        "reward=[accuracy,math_verify]",
+        "train.dynamic_sampling=true",
+        "train.dynamic_sampling_max_tries=2",
+    )
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grpo_lab").experiment_id])
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert 0.0 <= m["rewards/math_verify/mean"] <= 1.0
+    assert m["rewards/math_verify/timeouts"] == 0.0
+    history = client.get_metric_history(run.info.run_id, "rewards/math_verify/timeouts")
+    assert [h.step for h in history] == [1, 2]  # one value per rollout
