@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import subprocess
+import sys
 import threading
 import time
 
@@ -233,3 +235,42 @@ def test_cli_logs_math_verify_alone_with_its_timeouts(run_cli, tracking_uri):
     assert m["rewards/math_verify/timeouts"] == 0.0
     history = client.get_metric_history(run.info.run_id, "rewards/math_verify/timeouts")
     assert [h.step for h in history] == [1, 2]  # one value per rollout
+
+
+ORPHAN_SCRIPT = r"""
+from grpo_lab.rewards import MathVerifyReward
+from grpo_lab.tasks import Example
+
+r = MathVerifyReward(timeout_s=600)
+r(["1"], [Example("q", "1")])
+print(r._worker.proc.pid, flush=True)
+r([r"\boxed{9^{9^{9^{9}}}}"], [Example("q", "3")])
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has stopped working
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_parent_killed_mid_parse_leaves_no_worker_behind():
+    """The worker may sit in one long big-integer operation that no thread of its own can
+    interrupt: the kernel kills it with its parent (PR_SET_PDEATHSIG)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pid = int(parent.stdout.readline())
+        time.sleep(1.0)  # inside the slow completion now
+        assert _alive(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)

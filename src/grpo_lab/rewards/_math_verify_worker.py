@@ -21,11 +21,32 @@ def gold_text(answer: str) -> str:
     return answer if ("$" in answer or "\\boxed" in answer) else f"${answer}$"
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the thread that started it ends (its parent
+    dying included). The watchdog thread in ``serve`` covers other systems, but it cannot run
+    while sympy holds the GIL in one long big-integer operation, which is what a slow
+    completion usually is. A worker started by a thread that has ended is gone at the next
+    call, which then starts a fresh one."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(os.environ.get("GRPO_LAB_MATH_VERIFY_PARENT", os.getppid())):
+        os._exit(1)  # the parent died before prctl took effect
+
+
 def serve() -> None:
     """The worker: read one batch per line, answer one score per line, forever."""
     import logging
 
     ppid = os.getppid()
+    _die_with_parent()
 
     def watch_parent() -> None:  # a killed parent leaves no orphan parsing for hours
         while os.getppid() == ppid:

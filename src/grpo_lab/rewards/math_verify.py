@@ -61,6 +61,7 @@ class _Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "GRPO_LAB_MATH_VERIFY_PARENT": str(os.getpid())},
         )
         self._buffer = b""
         self._ready = False
