@@ -12,7 +12,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from helpers import FAST
 from grpo_lab.config import validate
 from grpo_lab.paths import config_dir
 from grpo_lab.policy.build import load_tokenizer
@@ -26,6 +25,7 @@ from grpo_lab.tasks.hf import (
     normalize_answer,
     without_eval_duplicates,
 )
+from helpers import FAST
 
 datasets = pytest.importorskip("datasets")
 

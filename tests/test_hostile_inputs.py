@@ -74,6 +74,9 @@ HOSTILE = {
     "boxed_nested_100k": "\\boxed{" * 100_000 + "1" + "}" * 99_999,  # one brace short
     "answer_tags_unclosed_100k": "<answer>" * 100_000,
     "r1_tags_100k": "<think></think><answer>" * 100_000 + "</answer>",
+    # parses at once, then sympy works on 9^(9^387420489): math_verify's deadline must stop it
+    "latex_power_tower": r"\boxed{9^{9^{9^{9}}}}",
+    "latex_deep_frac": r"$" + r"\frac{1}{" * 300 + "1" + "}" * 300 + "$",
 }
 assert len(HOSTILE) >= 20
 
@@ -87,16 +90,41 @@ TASKS = {
         f"hf_{fmt}": ["task=hf", "task.path={hf}", f"task.answer_format={fmt}"]
         for fmt in ("boxed", "answer_tag", "last_number")
     },
+    "reasoning_gym": ["task=reasoning_gym", "task.train_size=20", "task.eval_size=5"],
+    # countdown's own scorer runs sympy's parse_expr (eval) on the answer: the guard must hold
+    "reasoning_gym_countdown": [
+        "task=reasoning_gym",
+        "task.dataset=countdown",
+        "task.train_size=20",
+        "task.eval_size=5",
+    ],
+    "reasoning_gym_boxed": [
+        "task=reasoning_gym",
+        "task.dataset=polynomial_multiplication",
+        "task.answer_format=boxed",
+        "task.train_size=20",
+        "task.eval_size=5",
+    ],
 }
 RULE_REWARDS = ["accuracy", "format", "length", "overlong", "accuracy_format", "r1_format"]
-MODEL_REWARDS = {
-    "embedding": ["reward=embedding", "reward.functions.embedding.model={embed}"],
-    "model": ["reward=model", "reward.functions.model.model={rm}"],
+# Rewards that score one kind of task only: reward -> (overrides, the tasks it is built with).
+# math_verify's deadline per completion is 1 s here, inside the worker's 3 s (DEADLINE_S).
+TASK_REWARDS = {
+    "embedding": (["reward=embedding", "reward.functions.embedding.model={embed}"], ["arithmetic"]),
+    "model": (["reward=model", "reward.functions.model.model={rm}"], ["arithmetic"]),
+    "math_verify": (
+        ["reward=math_verify", "reward.functions.math_verify.timeout_s=1"],
+        ["arithmetic", "reasoning_gym"],
+    ),
+    "reasoning_gym": (
+        ["reward=reasoning_gym"],
+        ["reasoning_gym", "reasoning_gym_countdown", "reasoning_gym_boxed"],
+    ),
 }
 SCORERS = (
     [f"parse/{task}" for task in TASKS]
     + [f"reward/{reward}/{task}" for reward in RULE_REWARDS for task in TASKS]
-    + [f"reward/{reward}/arithmetic" for reward in MODEL_REWARDS]
+    + [f"reward/{reward}/{task}" for reward, (_, tasks) in TASK_REWARDS.items() for task in tasks]
 )
 
 
@@ -124,11 +152,11 @@ def _build_scorers(paths: dict[str, str]) -> dict:
             t.parse_answer(c),
             t.is_correct(c, ex),
         )
-    for reward in [*RULE_REWARDS, *MODEL_REWARDS]:
+    for reward in [*RULE_REWARDS, *TASK_REWARDS]:
         for name, overrides in TASKS.items():
-            if reward in MODEL_REWARDS and name != "arithmetic":
+            if reward in TASK_REWARDS and name not in TASK_REWARDS[reward][1]:
                 continue
-            extra = MODEL_REWARDS.get(reward, [f"reward={reward}"])
+            extra = TASK_REWARDS[reward][0] if reward in TASK_REWARDS else [f"reward={reward}"]
             rewards, task = build_rewards(cfg(*overrides, *extra)), tasks[name]
             example = task.eval()[0]
 
@@ -143,6 +171,8 @@ def _build_scorers(paths: dict[str, str]) -> dict:
                 )
 
             scorers[f"reward/{reward}/{name}"] = score
+    for score in scorers.values():  # start math_verify's worker processes before the clock runs
+        score("1")
     return scorers
 
 

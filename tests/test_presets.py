@@ -17,8 +17,10 @@ from grpo_lab.paths import config_dir
 from grpo_lab.train import optimizer_steps
 from helpers import FAST, compose
 
-PRESETS = ["dapo", "dr_grpo", "grpo_paper", "gspo"]
+PRESETS = ["countdown_r1", "dapo", "dr_grpo", "grpo_paper", "gspo"]
+GPU_PRESETS = {"countdown_r1"}  # need a GPU and a hub: composed here, not trained
 PAPERS = {  # arXiv id each preset must cite
+    "countdown_r1": "2501.12948",
     "grpo_paper": "2402.03300",
     "dapo": "2503.14476",
     "dr_grpo": "2503.20783",
@@ -26,6 +28,7 @@ PAPERS = {  # arXiv id each preset must cite
 }
 # What each preset must set, as the parts it builds (everything else: the project's defaults)
 EXPECTED = {
+    "countdown_r1": dict(kl=KL("k3", 0.001, "loss"), G=8),
     "grpo_paper": dict(
         kl=KL("k3", 0.04, "loss"),
         surrogate=PPOClip(epsilon_low=0.2, epsilon_high=0.2),
@@ -71,6 +74,7 @@ def settings(cfg) -> dict:
         minibatch_size=algo.batching.minibatch_size,
         num_minibatches=algo.batching.num_minibatches,
         dynamic_sampling=cfg.train.dynamic_sampling,
+        G=cfg.G,
     )
 
 
@@ -108,6 +112,26 @@ def test_dapo_combines_the_accuracy_format_and_overlong_rewards():
     assert sorted(reward.functions) == ["accuracy", "format", "overlong"]
     assert dict(reward.weights) == {"accuracy": 1.0, "format": 0.1, "overlong": 1.0}
     assert reward.functions.overlong._target_ == "grpo_lab.rewards.overlong_penalty"
+
+
+def test_countdown_r1_composes_to_reasoning_gym_countdown_with_the_r1_format():
+    pytest.importorskip("reasoning_gym")
+    from grpo_lab.instantiate import instantiate
+    from grpo_lab.rewards import r1_format_reward
+
+    cfg = compose("experiment=countdown_r1", "task.train_size=20", "task.eval_size=5")
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.policy._target_ == "grpo_lab.policy.load_pretrained" and not cfg.sft.enabled
+    assert dict(cfg.reward.weights) == {"reasoning_gym": 1.0, "r1_format": 0.1}
+    assert cfg.reward.functions.r1_format._target_ == "grpo_lab.rewards.r1_format_reward"
+    task = instantiate(cfg.task)
+    ex = task.eval()[0]
+    assert ex.meta["entry"]["metadata"]["source_dataset"] == "countdown"
+    assert "<answer>" in task.system_prompt
+    r1 = f"<think>try it</think>\n<answer>{ex.answer}</answer>"
+    assert ex.demonstration == f"<think></think><answer>{ex.answer}</answer>"
+    assert task.is_correct(r1, ex) and not task.is_correct(ex.answer, ex)  # the tag is the format
+    assert r1_format_reward([r1, ex.answer, r1 + " more"], [ex] * 3) == [1.0, 0.0, 0.0]
 
 
 def test_preset_values_give_way_to_the_command_line():
@@ -196,7 +220,7 @@ CLI_METRICS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", [p for p in PRESETS if p not in GPU_PRESETS])
 def test_preset_trains_one_rollout_through_the_cli(name, run_cli, tracking_uri, tmp_path):
     proc = run_cli(
         "train", f"experiment={name}", *ONE_ROLLOUT, *CLI_EXTRA.get(name, []), env=TESTS_ON_PATH

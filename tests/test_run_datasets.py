@@ -14,10 +14,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.data.digest_utils import compute_pandas_digest
 
-from helpers import FAST
 from grpo_lab.report import Job, Sweep, data_differences
 from grpo_lab.tasks import ArithmeticTask, JsonlTask
 from grpo_lab.tracking import log_datasets, task_datasets
+from helpers import FAST
 
 
 class RunHandle:

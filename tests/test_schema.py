@@ -284,6 +284,8 @@ NOT_NUMERIC_NULLABLE = {
     "task.name",  # task=hf: the dataset's config name
     "task.data_files",
     "task.revision",
+    "task.config",
+    "task.datasets",
 }
 
 

@@ -223,6 +223,8 @@ RULES: dict[str, Rule | Bound] = {
     "task.max_decimals": _int(ge=1),
     "task.eval_fraction": _num(gt=0, lt=1),
     "task.max_examples": _int(ge=1, nullable=True, why="null = every row"),
+    "task.correct_threshold": _num(why="score_answer >= this counts as correct"),
+    "task.max_answer_chars": _int(ge=1),
     # reward.* of the shipped rewards
     "reward.weights.*": _num(),
     "reward.functions.length.target": _int(ge=0, why="tokens allowed for free"),
@@ -231,6 +233,11 @@ RULES: dict[str, Rule | Bound] = {
         ge=1, nullable=True, why="null = sampler.max_new_tokens"
     ),
     "reward.functions.overlong.cache": _int(ge=1, nullable=True, why="null = max_len // 5"),
+    "reward.functions.math_verify.timeout_s": _num(gt=0, why="seconds per completion"),
+    "reward.functions.math_verify.max_chars": _int(ge=1),
+    "reward.functions.math_verify.float_rounding": _int(ge=0),
+    "reward.functions.math_verify.numeric_precision": _int(ge=1),
+    "reward.functions.math_verify.strict": _BOOL,
     "reward.functions.*.max_length": _int(ge=1),
     "reward.functions.*.batch_size": _int(ge=1),
     "reward.functions.*.local_files_only": _BOOL,

@@ -82,6 +82,7 @@ def sample_and_score(host: Any, examples: list[Example]) -> Rollout:
         rewards=rewards,
         per_fn=out.per_fn,
         reward_errors=out.errors,
+        reward_counts=out.counts,
         advantages=torch.zeros_like(rewards),
     )
 
@@ -140,6 +141,8 @@ def rollout_stats(rollout: Rollout, G: int) -> dict[str, float]:
             stats[f"rewards/{name}/std"] = scores[valid].std(unbiased=False).item()
     for name, failed in rollout.reward_errors.items():
         stats[f"rewards/{name}/errors"] = float(failed.sum())  # samples scored 0
+    for key, value in rollout.reward_counts.items():
+        stats[f"rewards/{key}"] = value
     return stats
 
 
@@ -197,6 +200,11 @@ def replace_groups(old: Rollout, new: Rollout, dead: Tensor, G: int, pad_id: int
         per_fn={k: _put_rows(v, rows, new.per_fn[k]) for k, v in old.per_fn.items()},
         reward_errors={
             k: _put_rows(v, rows, new.reward_errors[k]) for k, v in old.reward_errors.items()
+        },
+        # every scoring round of the rollout counts (a timeout cost its time even if replaced)
+        reward_counts={
+            k: old.reward_counts.get(k, 0.0) + new.reward_counts.get(k, 0.0)
+            for k in old.reward_counts.keys() | new.reward_counts.keys()
         },
         advantages=torch.zeros_like(rewards),
     )

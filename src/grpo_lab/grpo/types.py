@@ -26,6 +26,8 @@ class Rollout:
     ref_logp:      (N, T) log pi_ref, or None without a KL term
     pg_mask:       (N, T) 1 on the tokens that get the policy-gradient term (``loss.*`` may
                    select some by pi_old's entropy), or None for every token
+    reward_counts: "<fn>/<key>" -> what reward functions counted while scoring this rollout
+                   (e.g. math_verify's timeouts; summed over dynamic sampling's rounds)
     stats:         the rollout's diagnostics (TRL's names), logged with the step's
     """
 
@@ -39,6 +41,7 @@ class Rollout:
     old_logp: Tensor | None = None
     ref_logp: Tensor | None = None
     pg_mask: Tensor | None = None
+    reward_counts: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
 
     @property

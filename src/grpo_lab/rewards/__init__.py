@@ -13,10 +13,13 @@ what they need and accept ``**_`` for the rest.
 from grpo_lab.rewards.basic import accuracy_reward, format_reward, r1_format_reward
 from grpo_lab.rewards.combine import RewardError, RewardSet
 from grpo_lab.rewards.length import length_penalty, overlong_penalty
+from grpo_lab.rewards.math_verify import MathVerifyReward
 from grpo_lab.rewards.model import EmbeddingSimilarity, RewardModel
+from grpo_lab.tasks.reasoning_gym import reasoning_gym_reward
 
 __all__ = [
     "EmbeddingSimilarity",
+    "MathVerifyReward",
     "RewardError",
     "RewardModel",
     "RewardSet",
@@ -25,4 +28,5 @@ __all__ = [
     "length_penalty",
     "overlong_penalty",
     "r1_format_reward",
+    "reasoning_gym_reward",
 ]

@@ -38,11 +38,14 @@ class RewardOutput:
     """total:  (N,) weighted sum
     per_fn: name -> (N,) scores, NaN where the function gave None (0 where it failed)
     errors: name -> (N,) bool, True where ``on_error=zero`` scored a failure 0 (empty with raise)
+    counts: "<name>/<key>" -> what a function counted in this call (its ``pop_counts()``, e.g.
+            math_verify's timeouts), logged as ``rewards/<name>/<key>``
     """
 
     total: torch.Tensor
     per_fn: dict[str, torch.Tensor]
     errors: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
 
 
 class RewardSet:
@@ -80,6 +83,7 @@ class RewardSet:
         n = len(completions)
         per_fn: dict[str, torch.Tensor] = {}
         errors: dict[str, torch.Tensor] = {}
+        counts: dict[str, float] = {}
         for name, fn in self.functions.items():
             try:
                 returned = fn(completions, examples, **ctx)
@@ -93,6 +97,7 @@ class RewardSet:
                 per_fn[name] = torch.zeros(n, dtype=torch.float32)
                 errors[name] = torch.ones(n, dtype=torch.bool)
                 continue
+            counts.update(_pop_counts(name, fn))
             scores, is_none = self._check(name, returned, n)
             bad = ~torch.isfinite(scores) & ~is_none
             if bad.any():
@@ -111,7 +116,7 @@ class RewardSet:
         total = torch.zeros(n, dtype=torch.float32)
         for name, scores in per_fn.items():
             total += self.weights[name] * torch.nan_to_num(scores, nan=0.0)
-        return RewardOutput(total=total, per_fn=per_fn, errors=errors)
+        return RewardOutput(total=total, per_fn=per_fn, errors=errors, counts=counts)
 
     def _warn_once(self, name: str, what: str) -> None:
         # A failing scorer usually fails again: one line per function, the count is a metric.
@@ -150,6 +155,14 @@ class RewardSet:
                     f"reward function {name!r} returned {s!r} for sample {i}; expected a number or None"
                 ) from None
         return torch.tensor(values, dtype=torch.float32), torch.tensor(is_none, dtype=torch.bool)
+
+
+def _pop_counts(name: str, fn: RewardFn) -> dict[str, float]:
+    """What a function counted in its last call (``fn.pop_counts()``, when it has one)."""
+    pop = getattr(fn, "pop_counts", None)
+    if not callable(pop):
+        return {}
+    return {f"{name}/{key}": float(value) for key, value in pop().items()}
 
 
 def _shown(score: Any) -> str:

@@ -7,6 +7,7 @@ from grpo_lab.tasks.compare import CompareTask
 from grpo_lab.tasks.countdown import CountdownTask
 from grpo_lab.tasks.hf import HfTask
 from grpo_lab.tasks.jsonl import JsonlTask
+from grpo_lab.tasks.reasoning_gym import ReasoningGymTask
 
 __all__ = [
     "ArithmeticTask",
@@ -15,6 +16,7 @@ __all__ = [
     "Example",
     "HfTask",
     "JsonlTask",
+    "ReasoningGymTask",
     "Task",
     "render_prompts",
 ]
