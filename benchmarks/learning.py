@@ -230,12 +230,20 @@ def cpu_model() -> str:
     """The CPU's name: the same seed samples differently on another CPU model (float reductions
     differ), so the figures are tied to it."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = dict(
+            (k.strip(), v.strip())
+            for k, _, v in (
+                line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines()
+            )
+            if k.strip() in ("model name", "cpu family", "model")
+        )
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        info = {}
+    if "model name" not in info:
+        return platform.processor() or "unknown CPU"
+    # a generic name ("Intel(R) Xeon(R) Processor" under KVM) says little: lscpu's family and model
+    extra = f" (family {info['cpu family']}, model {info['model']})" if "model" in info else ""
+    return info["model name"] + extra
 
 
 def plot_curves(rows: list[dict], path: Path, title: str) -> None:
@@ -250,9 +258,9 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
         ax.plot((0, *steps), (r["start"], *values), marker=".", label=f"seed {r['seed']}")
         color = ax.lines[-1].get_color()
         ax.axhline(r["baseline"], linestyle=":", color=color)
-        # the sampled accuracy at the start and after GRPO: where the sampled curve would begin and end
+        # sampled accuracy is measured at the start and after GRPO only: two marks, no line
         last = steps[-1] if steps else 0
-        ax.plot((0, last), (r["start_sampled"], r["final_sampled"]), "x--", color=color, alpha=0.5)
+        ax.plot((0, last), (r["start_sampled"], r["final_sampled"]), "x", color=color, ms=8)
     ax.set_xlabel("GRPO rollout")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(
