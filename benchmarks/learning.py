@@ -214,6 +214,9 @@ def one_seed(seed: int, overrides: list[str], samples: int) -> dict:
         r["final"], r["final_sampled"] = accuracies(grpo, task, cfg, samples)
         warm = instantiate(cfg.policy, init_from=r["warm_start"])
         r["start"], r["start_sampled"] = accuracies(warm, task, cfg, samples)
+        for arm in ("start", "final"):  # the same weights and prompts as the run's own eval
+            if abs(r[arm] - r[f"run_{arm}"]) > 1e-6:
+                print(f"seed {seed}: {arm} greedy {r[arm]:.3f} != the run's {r[f'run_{arm}']:.3f}")
         sft = continued_sft(cfg, task, warm, r["grpo_cpu_s"])
         r["baseline"], r["baseline_sampled"] = accuracies(sft, task, cfg, samples)
     print(
