@@ -4,7 +4,8 @@ with the dataset's own ``score_answer`` (issue 14, "a learning result on a task 
     python benchmarks/rg_workload.py DIR --dataset chain_sum --config min_terms=2 max_terms=2 \
         min_digits=2 max_digits=2 --flawed-fraction 0.5 --offsets -10 10
     PYTHONPATH=benchmarks grpo-lab train task=jsonl task._target_=rg_workload.ReasoningGymJsonl \
-        task.path=DIR/train.jsonl task.eval_path=DIR/eval.jsonl
+        +task.dataset=chain_sum task.path=DIR/train.jsonl task.eval_path=DIR/eval.jsonl \
+        task.demonstration_field=demonstration
 
 Each record holds the short prompt the tiny policy sees (the entry's expression without spaces,
 then ``=``: ``37-45=``; reasoning-gym's instruction, ``State the final answer to the following
