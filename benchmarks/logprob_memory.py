@@ -65,8 +65,8 @@ def _worker(variant: str, grad: bool) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from grpo_lab.sampling.base import Completions
     from grpo_lab.policy.forward import completion_logprobs
+    from grpo_lab.sampling.base import Completions
 
     s = dict(SHAPE, vocab=320) if variant == "body only" else SHAPE
     torch.manual_seed(0)
