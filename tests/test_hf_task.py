@@ -226,6 +226,25 @@ def test_the_datasets_own_test_split_is_the_eval_split(data):
     assert held.eval_split is None and "times" not in " ".join(e.prompt for e in held.eval())
 
 
+def test_a_hold_out_in_place_of_a_missing_test_split_is_said_when_there_is_another_split(
+    tmp_path, caplog
+):
+    """A dataset with train and validation but no test: eval_split=test falls back to a
+    hold-out of train, and the log says so and names the split a researcher may have meant."""
+    ds = datasets.Dataset.from_list(rows())
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(3))}).save_to_disk(
+        str(tmp_path / "tv")
+    )
+    with caplog.at_level("WARNING", logger="grpo_lab.tasks.hf"):
+        task = HfTask(str(tmp_path / "tv"), answer_extraction="gsm8k")
+    assert task.eval_split is None
+    assert "task.eval_split=validation" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="grpo_lab.tasks.hf"):
+        HfTask(str(tmp_path / "tv"), answer_extraction="gsm8k", eval_split=None)  # asked for
+    assert not caplog.text
+
+
 def test_json_and_parquet_files_load_through_load_dataset_like_the_saved_directory(data):
     kw = dict(answer_extraction="gsm8k", demonstration_field="solution", seed=3)
     disk = HfTask(str(data / "disk"), **kw)
@@ -504,3 +523,34 @@ def test_a_bad_field_on_the_command_line_is_a_usage_error_before_any_training(ru
     assert "task.prompt_field='problem' is not a column of" in proc.stderr
     assert "columns: ['question', 'answer', 'solution']" in proc.stderr
     assert "Traceback" not in proc.stderr and "sft step" not in proc.stdout + proc.stderr
+
+
+def test_the_sft_warm_start_is_not_reused_when_the_data_behind_the_same_path_changed(tmp_path):
+    """The warm start's cache key holds the training data, not only task.path: a file or
+    save_to_disk directory rewritten in place (or a hub dataset at a new revision) trains a new
+    warm start instead of reusing one fitted to the old demonstrations."""
+    from grpo_lab.instantiate import instantiate
+    from grpo_lab.train import build_policy
+
+    path = tmp_path / "data.jsonl"
+    overrides = [
+        *(o for o in FAST if not o.startswith(("task.", "sft."))),
+        "task=hf",
+        "task.path=json",
+        f"task.data_files={path}",
+        "task.answer_extraction=gsm8k",
+        "task.eval_fraction=0.2",
+        "sft.steps=1",
+        "sft.batch_size=2",
+        f"sft.cache_dir={tmp_path / 'sft'}",
+    ]
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    warm = []
+    for n_a in (6, 7):  # the same path, other rows
+        datasets.Dataset.from_list(rows(n_a=n_a)).to_json(str(path))
+        _, sft_path = build_policy(cfg, instantiate(cfg.task))
+        warm.append(sft_path)
+    assert warm[0] != warm[1]
+    _, again = build_policy(cfg, instantiate(cfg.task))  # the same data: the cache is reused
+    assert again == warm[1]

@@ -97,3 +97,14 @@ def test_the_micro_batch_size_does_not_change_which_tokens_are_kept():
     one_step(split, sample=fixed_rollout(split, off_policy=False))
     torch.testing.assert_close(grads(split), grads(whole), rtol=1e-5, atol=1e-7)
     assert G == 4
+
+
+def test_a_rollout_of_more_tokens_than_torch_quantile_takes():
+    # torch.quantile refuses more than 2**24 values; a large rollout on all ranks has more
+    n = 2**24 + 3
+    entropy = torch.arange(n, dtype=torch.float32).flip(0).unsqueeze(0) / n  # (1, n)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    keep, stats = LossOptions(top_entropy_quantile=0.25).select_tokens(entropy, mask)
+    want = np.quantile(np.arange(n, dtype=np.float64) / n, 0.75)
+    assert stats["entropy/threshold"] == pytest.approx(want, rel=1e-6)
+    assert stats["entropy/selected_fraction"] == pytest.approx(0.25, abs=1e-6)

@@ -183,6 +183,30 @@ def test_a_worker_killed_between_calls_is_replaced(reward):
     assert reward.pop_counts() == {"timeouts": 0.0}
 
 
+def test_a_restarted_worker_that_dies_before_it_is_ready_is_replaced(reward):
+    """After a timeout the fresh worker is started at once and waited for at the next call. On
+    Linux it dies with the thread that started it: a call from a thread that ends just after
+    its timeout leaves a worker dead before its "ready", and the next call (another thread)
+    starts a new one instead of failing as if math-verify could not be imported."""
+    examples = [Example(prompt="q", answer="3")]
+    assert reward(["3"], examples) == [1.0]
+    reward._worker.stop()
+    reward._worker = reward._start()  # as after a timeout: not yet waited for
+    reward._worker.proc.kill()  # its starting thread ended before it said ready
+    reward._worker.proc.wait()
+    assert reward(["3"], examples) == [1.0]
+
+
+def test_a_worker_that_never_starts_is_an_error_naming_the_extra(monkeypatch):
+    import grpo_lab.rewards.math_verify as mv
+
+    monkeypatch.setattr(mv, "_RUN_WORKER", "import sys; sys.exit(1)")  # math-verify is broken
+    reward = MathVerifyReward()
+    with pytest.raises(RuntimeError, match=r"did not start.*pip install 'grpo-lab\[math\]'"):
+        reward(["3"], [Example(prompt="q", answer="3")])
+    reward.close()
+
+
 def test_bad_timeout_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match=r"reward.functions.math_verify.timeout_s=0 is invalid"):
         MathVerifyReward(timeout_s=0)

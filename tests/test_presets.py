@@ -17,18 +17,20 @@ from grpo_lab.paths import config_dir
 from grpo_lab.train import optimizer_steps
 from helpers import FAST, compose
 
-PRESETS = ["countdown_r1", "dapo", "dr_grpo", "grpo_paper", "gspo"]
-GPU_PRESETS = {"countdown_r1"}  # need a GPU and a hub: composed here, not trained
+PRESETS = ["countdown_r1", "dapo", "dr_grpo", "grpo_paper", "gsm8k_qwen", "gspo"]
+GPU_PRESETS = {"countdown_r1", "gsm8k_qwen"}  # need a GPU and a hub: composed here, not trained
 PAPERS = {  # arXiv id each preset must cite
     "countdown_r1": "2501.12948",
     "grpo_paper": "2402.03300",
     "dapo": "2503.14476",
     "dr_grpo": "2503.20783",
     "gspo": "2507.18071",
+    "gsm8k_qwen": "2402.03300",
 }
 # What each preset must set, as the parts it builds (everything else: the project's defaults)
 EXPECTED = {
     "countdown_r1": dict(kl=KL("k3", 0.001, "loss"), G=8),
+    "gsm8k_qwen": dict(kl=KL("k3", 0.001, "loss"), G=5),
     "grpo_paper": dict(
         kl=KL("k3", 0.04, "loss"),
         surrogate=PPOClip(epsilon_low=0.2, epsilon_high=0.2),
@@ -132,6 +134,29 @@ def test_countdown_r1_composes_to_reasoning_gym_countdown_with_the_r1_format():
     assert ex.demonstration == f"<think></think><answer>{ex.answer}</answer>"
     assert task.is_correct(r1, ex) and not task.is_correct(ex.answer, ex)  # the tag is the format
     assert r1_format_reward([r1, ex.answer, r1 + " more"], [ex] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_gsm8k_qwen_composes_to_qwen_instruct_on_gsm8k_with_math_verify_and_the_r1_format():
+    cfg = compose("experiment=gsm8k_qwen")  # validated
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.policy._target_ == "grpo_lab.policy.load_pretrained" and not cfg.sft.enabled
+    assert cfg.policy.name_or_path == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert cfg.policy.dtype == "bfloat16" and cfg.policy.lora.enabled is False
+    assert cfg.task._target_ == "grpo_lab.tasks.HfTask"
+    assert (cfg.task.path, cfg.task.name, cfg.task.eval_split) == ("openai/gsm8k", "main", "test")
+    assert (cfg.task.answer_extraction, cfg.task.answer_format) == ("gsm8k", "boxed")
+    assert "<answer>" in cfg.task.system_prompt and "\\boxed{}" in cfg.task.system_prompt
+    assert dict(cfg.reward.weights) == {"math_verify": 1.0, "r1_format": 0.1}
+    assert cfg.reward.functions.math_verify._target_ == "grpo_lab.rewards.MathVerifyReward"
+    assert cfg.train.eval_size == 1319  # the whole GSM8K test split
+    header = (config_dir() / "experiment" / "gsm8k_qwen.yaml").read_text()
+    for figure in ("36.4", "56.7", "54.3", "2110.14168"):  # the published figures, GSM8K
+        assert figure in header
+    # LoRA is one override away, and the 1.5B model another
+    lora = compose("experiment=gsm8k_qwen", "policy.lora.enabled=true")
+    assert lora.policy.lora.enabled and lora.policy.lora.r == 64
+    bigger = compose("experiment=gsm8k_qwen", "policy.name_or_path=Qwen/Qwen2.5-1.5B-Instruct")
+    assert bigger.policy.name_or_path == "Qwen/Qwen2.5-1.5B-Instruct"
 
 
 def test_preset_values_give_way_to_the_command_line():

@@ -219,10 +219,37 @@ def test_an_evaluating_scorer_never_sees_code(tmp_path, monkeypatch):
         ("_x", False),
         ("1 +", False),
         ("(" * 5000 + ")" * 5000, False),
+        # a short text that repeats a sequence: gigabytes under eval (parse_expr's Integer has
+        # __index__, so 'a' * Integer(10**9) repeats too)
+        ("[0]*10**9", False),
+        ("10**9*[0]", False),
+        ("(1,)*10**9", False),
+        ("'ab'*10**9", False),
+        ("([0]+[1])*10**9", False),
+        ("[[0]*10**4]*10**4", False),
+        ("[1*2, 3]", True),  # a product inside a list is a number
     ],
 )
 def test_is_plain_expression(text, plain):
     assert is_plain_expression(text) is plain
+
+
+@pytest.mark.parametrize(
+    ("name", "answer"),
+    [
+        ("spiral_matrix", "[0]*10**9"),
+        ("countdown", "'a'*10**9"),
+        ("string_insertion", "'ab'*10**9"),
+    ],
+)
+def test_an_evaluating_scorer_never_sees_a_repeated_sequence(name, answer, monkeypatch):
+    """A dozen characters that make eval build a list or string of a billion items (gigabytes,
+    then minutes of joining them) are scored as no answer: the scorer sees None."""
+    task = ReasoningGymTask(dataset=name, train_size=3, eval_size=3)
+    seen = []
+    monkeypatch.setattr(task.dataset, "score_answer", lambda a, entry: seen.append(a) or 0.0)
+    task.score(answer, task.eval()[0])
+    assert seen == [None]
 
 
 @pytest.mark.parametrize(
@@ -231,6 +258,7 @@ def test_is_plain_expression(text, plain):
         ("binary_matrix", "1 0\n0 1", True),  # not Python: eval stops at the syntax error
         ("binary_matrix", "[[1, 0], [0, 1]]", True),
         ("binary_matrix", " __import__('os')", False),  # eval strips the leading space
+        ("spiral_matrix", "\n __import__('os')", False),  # its scorer strips, then evals
         ("countdown", "3 ! 4", False),  # parse_expr would rewrite it into a call
         ("chain_sum", "__import__('os')", True),  # its scorer compares text
     ],

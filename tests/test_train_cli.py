@@ -165,6 +165,29 @@ def test_old_option_names_on_the_command_line_are_rewritten_with_a_note(tmp_path
     assert "surrogate.epsilon_low=2 is invalid: expected a number in (0, 1)" in err
 
 
+@pytest.mark.parametrize(
+    ("old", "low", "high"),
+    [
+        # before the parts, loss.ratio_level=sequence kept the loss's clip range: ${epsilon}
+        (["loss.ratio_level=sequence"], 0.2, 0.2),
+        (["epsilon=0.3", "loss.ratio_level=sequence"], 0.3, 0.3),
+        (["loss.epsilon_high=0.28", "loss.ratio_level=sequence"], 0.2, 0.28),
+        (["loss.ratio_level=sequence", "surrogate.epsilon_low=0.1"], 0.1, 0.2),
+        (["loss.ratio_level=token,sequence"], 0.2, 0.2),
+    ],
+)
+def test_an_old_sequence_ratio_level_keeps_the_clip_range_it_had(old, low, high):
+    """`loss.ratio_level=sequence` becomes surrogate=gspo with the clip range the old command
+    had (epsilon, or the loss.epsilon_* it gave), not GSPO's own 3e-4/4e-4: the same numbers."""
+    from grpo_lab.renames import rewrite_overrides
+
+    new, _ = rewrite_overrides(old)
+    new = [o.replace("ppo_clip,gspo", "gspo") for o in new]  # the sweep's GSPO arm
+    cfg = compose(*new)
+    assert cfg.surrogate._target_.endswith("GSPO")
+    assert (cfg.surrogate.epsilon_low, cfg.surrogate.epsilon_high) == (low, high)
+
+
 @pytest.mark.slow
 def test_a_value_a_part_rejects_when_built_prints_its_message_alone(run_cli, tmp_path):
     """Some checks need the part itself (10 x 10 sums hold 100 examples, not 200 to hold out)."""

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from grpo_lab import schema
 from grpo_lab.grpo.batching import Batching
+from grpo_lab.grpo.fields import Range as Bound
 from grpo_lab.schema import SCHEMAS
 
 
@@ -34,10 +35,6 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _fmt(x: float) -> str:
-    return str(x) if isinstance(x, int) else f"{x:g}"
-
-
 @dataclass(frozen=True)
 class Rule:
     """A key that is not a bounded number: a predicate and what it allows, in words."""
@@ -47,62 +44,6 @@ class Rule:
 
     def __call__(self, value: Any) -> bool:
         return self.ok(value)
-
-
-@dataclass(frozen=True)
-class Bound:
-    """A numeric key: its type (``integer`` or any number) and its range.
-
-    ge/gt: lower limit, inclusive/exclusive; le/lt: upper limit (None = no limit on that side).
-    nullable: null is allowed too; special: values allowed outside the range (-1 = no limit);
-    why: what an end or a special value means, shown after the range.
-    """
-
-    integer: bool
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    nullable: bool = False
-    special: tuple[int, ...] = ()
-    why: str = ""
-    infinite: bool = False  # inf (not NaN) is a meaningful value, e.g. "no upper clip"
-
-    def __call__(self, v: Any) -> bool:
-        if v is None:
-            return self.nullable
-        if not (_is_int(v) if self.integer else _is_num(v)):
-            return False
-        if math.isnan(v) or (math.isinf(v) and not self.infinite):
-            return False
-        if v in self.special:
-            return True
-        return (
-            (self.ge is None or v >= self.ge)
-            and (self.gt is None or v > self.gt)
-            and (self.le is None or v <= self.le)
-            and (self.lt is None or v < self.lt)
-        )
-
-    @property
-    def allowed(self) -> str:
-        kind = "an integer" if self.integer else "a number"
-        lo = self.ge if self.ge is not None else self.gt
-        hi = self.le if self.le is not None else self.lt
-        if lo is not None and hi is not None:
-            left, right = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
-            text = f"{kind} in {left}{_fmt(lo)}, {_fmt(hi)}{right}"
-        elif lo is not None:
-            text = f"{kind} {'>=' if self.ge is not None else '>'} {_fmt(lo)}"
-        elif hi is not None:
-            text = f"{kind} {'<=' if self.le is not None else '<'} {_fmt(hi)}"
-        else:
-            text = kind
-        if self.special:
-            text += " or " + " or ".join(_fmt(s) for s in self.special)
-        if self.nullable:
-            text = "null or " + text
-        return f"{text} ({self.why})" if self.why else text
 
 
 def _int(**kw: Any) -> Bound:

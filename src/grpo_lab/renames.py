@@ -65,16 +65,33 @@ def rewrite_override(override: str) -> tuple[str, str | None]:
         new = f"surrogate={_map_values(value, _SURROGATE_BY_RATIO_LEVEL)}"
     if new is None:
         return override, None
-    note = f"{override} is now {new}"
-    if new.startswith("surrogate=") and "gspo" in new:
-        note += " (GSPO's own clip range 3e-4/4e-4 applies unless surrogate.epsilon_* are given)"
-    return new, note
+    return new, f"{override} is now {new}"
+
+
+# Before the parts, loss.ratio_level=sequence kept the loss's clip range (${epsilon} unless
+# loss.epsilon_* said otherwise); conf/surrogate/gspo.yaml has GSPO's own 3e-4/4e-4.
+_OLD_CLIP = ("surrogate.epsilon_low=${epsilon}", "surrogate.epsilon_high=${epsilon}")
 
 
 def rewrite_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """Every override under today's names, and a note for each one rewritten."""
+    """Every override under today's names, and a note for each one rewritten.
+
+    An old ``loss.ratio_level=sequence`` also gets the clip range it had then (epsilon), for
+    each surrogate.epsilon_* the command line does not give: the same numbers as before."""
     pairs = [rewrite_override(o) for o in overrides]
-    return [o for o, _ in pairs], [n for _, n in pairs if n]
+    out, notes = [o for o, _ in pairs], [n for _, n in pairs if n]
+    given = {_split(o)[1] for o in out}
+    for i, (old, new) in enumerate(zip(overrides, list(out))):
+        if _split(old)[1] == "loss.ratio_level" and "gspo" in new:
+            keep = [o for o in _OLD_CLIP if _split(o)[1] not in given]
+            out[i + 1 : i + 1] = keep
+            if keep:
+                notes.append(
+                    f"{old} kept the loss's clip range: {' '.join(keep)} (GSPO's own "
+                    "range is surrogate.epsilon_low=3e-4 surrogate.epsilon_high=4e-4)"
+                )
+            break
+    return out, notes
 
 
 def new_key(key: str) -> str:

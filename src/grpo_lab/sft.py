@@ -106,6 +106,14 @@ def fit_demonstrations(
     return losses
 
 
+def examples_digest(examples: list[Example]) -> str:
+    """A digest of the (prompt, SFT target) pairs, in order: the data a warm start is fitted to."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.target]).encode())
+    return h.hexdigest()[:16]
+
+
 def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -143,4 +151,10 @@ def warm_start(
         return out, True
 
 
-__all__ = ["demonstration_batch", "fit_demonstrations", "load_pretrained", "warm_start"]
+__all__ = [
+    "demonstration_batch",
+    "examples_digest",
+    "fit_demonstrations",
+    "load_pretrained",
+    "warm_start",
+]

@@ -24,7 +24,7 @@ from grpo_lab.instantiate import instantiate
 from grpo_lab.module import GRPOModule
 from grpo_lab.policy.build import Policy
 from grpo_lab.rewards.combine import RewardSet
-from grpo_lab.sft import warm_start
+from grpo_lab.sft import examples_digest, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,14 @@ def warn_on_inert_settings(cfg: DictConfig) -> None:
             "kl=none: no KL term and no reference model; beta=%s is ignored (effective beta 0)",
             cfg.beta,
         )
+    surrogate = str(cfg.surrogate.get("_target_", ""))
+    if not surrogate.endswith(".PPOClip") and _on_command_line("epsilon"):
+        log.warning(
+            "epsilon=%s has no effect with surrogate=%s: only ppo_clip's epsilon_low/high follow "
+            "the top-level epsilon; set surrogate.* instead",
+            cfg.epsilon,
+            surrogate.rpartition(".")[2],
+        )
     no_reference = cfg.kl.get("estimator") == "none" or not cfg.kl.get("beta")
     if no_reference and cfg.train.ref_sync_every:
         log.warning(
@@ -68,6 +76,13 @@ def warn_on_inert_settings(cfg: DictConfig) -> None:
             cfg.kl.get("beta"),
             cfg.kl.get("estimator"),
         )
+
+
+def _on_command_line(key: str) -> bool:
+    """Whether ``key=...`` was given on this job's command line (or swept)."""
+    if not HydraConfig.initialized():
+        return False
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in HydraConfig.get().overrides.task)
 
 
 def optimizer_steps(cfg: DictConfig) -> int:
@@ -108,6 +123,9 @@ def build_policy(cfg: DictConfig, task: Any) -> tuple[Policy, Path | None]:
         # model_impl changes only which code runs the forward, not what SFT learns
         "policy": {k: v for k, v in full.items() if k != "model_impl"},
         "task": OmegaConf.to_container(cfg.task, resolve=True),
+        # what SFT fits, not only where it came from: a data file rewritten in place, a hub
+        # dataset's new revision or another reasoning-gym version trains a new warm start
+        "data": examples_digest(task.train()),
         "sft": {
             k: v
             for k, v in OmegaConf.to_container(cfg.sft, resolve=True).items()

@@ -82,7 +82,7 @@ class TIS:
     completion, the product of its tokens' ratios or their geometric mean."""
 
     GROUP: ClassVar[str] = "correction"
-    cap: float = ranged(2.0, Range(gt=0))
+    cap: float = ranged(2.0, Range(gt=0, infinite=True, why="inf = no truncation"))
     level: str = ranged("token", _LEVEL)
     sequence_ratio: str = ranged("product", _SEQUENCE_RATIO)
 
@@ -108,7 +108,7 @@ class MIS:
     defaults here)."""
 
     GROUP: ClassVar[str] = "correction"
-    cap: float = ranged(3.0, Range(gt=0))
+    cap: float = ranged(3.0, Range(gt=0, infinite=True, why="inf = no mask"))
     level: str = ranged("sequence", _LEVEL)
     sequence_ratio: str = ranged("product", _SEQUENCE_RATIO)
 

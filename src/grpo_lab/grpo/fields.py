@@ -17,9 +17,14 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-    """A numeric field's range. ge/gt: lower limit, le/lt: upper limit (None = none that side);
-    nullable: null is allowed; infinite: inf is meaningful (e.g. no upper clip); why: shown
-    after the range in an error."""
+    """A numeric value's type (``integer`` or any number) and range; ``config.RULES`` bounds the
+    other numeric keys of ``conf/`` with it too.
+
+    ge/gt: lower limit, inclusive/exclusive; le/lt: upper limit (None = no limit on that side).
+    nullable: null is allowed; special: values allowed outside the range (-1 = no limit);
+    infinite: inf (not NaN) is meaningful (e.g. no upper clip); why: what an end or a special
+    value means, shown after the range in an error.
+    """
 
     integer: bool = False
     ge: float | None = None
@@ -27,6 +32,7 @@ class Range:
     le: float | None = None
     lt: float | None = None
     nullable: bool = False
+    special: tuple[int, ...] = ()
     infinite: bool = False
     why: str = ""
 
@@ -39,6 +45,8 @@ class Range:
             return False
         if math.isnan(v) or (math.isinf(v) and not self.infinite):
             return False
+        if v in self.special:
+            return True
         return (
             (self.ge is None or v >= self.ge)
             and (self.gt is None or v > self.gt)
@@ -53,16 +61,22 @@ class Range:
         hi = self.le if self.le is not None else self.lt
         if lo is not None and hi is not None:
             left, right = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
-            text = f"{kind} in {left}{lo:g}, {hi:g}{right}"
+            text = f"{kind} in {left}{_fmt(lo)}, {_fmt(hi)}{right}"
         elif lo is not None:
-            text = f"{kind} {'>=' if self.ge is not None else '>'} {lo:g}"
+            text = f"{kind} {'>=' if self.ge is not None else '>'} {_fmt(lo)}"
         elif hi is not None:
-            text = f"{kind} {'<=' if self.le is not None else '<'} {hi:g}"
+            text = f"{kind} {'<=' if self.le is not None else '<'} {_fmt(hi)}"
         else:
             text = kind
+        if self.special:
+            text += " or " + " or ".join(_fmt(s) for s in self.special)
         if self.nullable:
             text = "null or " + text
         return f"{text} ({self.why})" if self.why else text
+
+
+def _fmt(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ KL term stays unweighted (as in TRL's and verl's rollout correction).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -61,13 +62,26 @@ class LossOptions:
             return None, {}
         real = mask.bool()
         every_rank = _all_ranks(old_entropy[real].float())  # (tokens on all ranks,)
-        threshold = torch.quantile(every_rank, 1.0 - self.top_entropy_quantile)
+        threshold = _quantile(every_rank, 1.0 - self.top_entropy_quantile)
         keep = (old_entropy >= threshold) & real  # (N, T)
         stats = {
             "entropy/threshold": threshold.item(),
             "entropy/selected_fraction": (keep.sum() / real.sum().clamp(min=1)).item(),
         }
         return keep, stats
+
+
+def _quantile(values: Tensor, q: float) -> Tensor:
+    """torch.quantile(values, q) (linear interpolation) of a 1-D tensor of any length:
+    torch.quantile refuses more than 2**24 values, fewer than a large rollout's tokens."""
+    n = values.numel()
+    if n <= 2**24:
+        return torch.quantile(values, q)
+    ordered = values.sort().values
+    pos = q * (n - 1)
+    lo = min(int(math.floor(pos)), n - 1)
+    hi = min(lo + 1, n - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _all_ranks(values: Tensor) -> Tensor:

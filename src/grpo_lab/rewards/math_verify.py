@@ -47,6 +47,12 @@ WORKER_SCRIPT = Path(__file__).with_name("_math_verify_worker.py")
 _RUN_WORKER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
+NOT_STARTED = (
+    f"reward=math_verify: its worker process did not start ({WORKER_SCRIPT}); "
+    f"check that math-verify imports: {INSTALL}"
+)
+
+
 class _Worker:
     """One worker process and its pipes. It is started at once and waited for at its first
     ``send``, so a restart after a timeout overlaps with whatever the caller does next."""
@@ -82,15 +88,20 @@ class _Worker:
         return line.decode()
 
     def send(self, items: list[tuple[str, str]], options: dict[str, Any]) -> None:
+        """Hand the worker a batch. OSError: it has exited (between calls, or before it said
+        ready: on Linux it dies with the thread that started it); RuntimeError: it answered
+        something else than ready, or nothing in time."""
         if not self._ready:
-            with contextlib.suppress(TimeoutError, EOFError):
+            try:
                 self._ready = self._read_line(_STARTUP_TIMEOUT_S) == "ready"
+            except EOFError:
+                self.stop()
+                raise BrokenPipeError("the math_verify worker exited before it was ready") from None
+            except TimeoutError:
+                pass
             if not self._ready:
                 self.stop()
-                raise RuntimeError(
-                    f"reward=math_verify: its worker process did not start ({WORKER_SCRIPT}); "
-                    f"check that math-verify imports: {INSTALL}"
-                )
+                raise RuntimeError(NOT_STARTED)
         message = json.dumps({"items": items, "options": options}) + "\n"
         self.proc.stdin.write(message.encode())  # the worker reads a whole line before working
         self.proc.stdin.flush()
@@ -192,10 +203,18 @@ class MathVerifyReward:
                     self._worker = self._start()
                 try:
                     self._worker.send(items[len(scores) :], self.options)
+                except RuntimeError:  # stopped: the next call starts a fresh one
+                    self._worker = None
+                    raise
                 except OSError:  # it died between calls (killed, out of memory): start afresh
                     self._worker.stop()
                     self._worker = self._start()
-                    self._worker.send(items[len(scores) :], self.options)
+                    try:
+                        self._worker.send(items[len(scores) :], self.options)
+                    except (OSError, RuntimeError) as err:  # a fresh one fails too
+                        self._worker.stop()
+                        self._worker = None
+                        raise RuntimeError(NOT_STARTED) from err
                 try:
                     while len(scores) < len(items):
                         scores.append(float(self._worker._read_line(self.timeout_s) == "1"))

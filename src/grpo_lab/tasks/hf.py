@@ -318,6 +318,17 @@ class HfTask:
             evals = self._capped(splits[eval_split], eval_split, max_examples)
             self.eval_split = eval_split
         else:
+            others = sorted(set(splits) - {split})
+            if eval_split is not None and others:  # test is absent, yet there is another split
+                log.warning(
+                    "task=hf: %s has no split %r; eval holds out task.eval_fraction=%s of %r. "
+                    "To score on one of its own splits instead: %s",
+                    path,
+                    eval_split,
+                    eval_fraction,
+                    split,
+                    " or ".join(f"task.eval_split={o}" for o in others),
+                )
             train_rows, eval_rows = hold_out(len(train), eval_fraction, seed)
             if not train_rows:
                 raise ValueError(

@@ -151,7 +151,9 @@ def is_plain_expression(text: str, max_chars: int = 2000) -> bool:
     names not starting with ``_``, ``+ - * / **``, unary signs, lists and tuples, and calls of
     ``MATH_FUNCTIONS`` by name with positional arguments. A power's exponent must be an
     integer literal of at most 100, or a fraction of two such (``(3/2)``), and its base must
-    hold no power. No other calls, no attributes, subscripts, comprehensions or lambdas.
+    hold no power. No product or power of a list, tuple or string (``[0]*10**9`` is a dozen
+    characters and gigabytes under eval). No other calls, no attributes, subscripts,
+    comprehensions or lambdas.
     """
     if len(text) > max_chars:
         return False
@@ -179,6 +181,12 @@ def is_plain_expression(text: str, max_chars: int = 2000) -> bool:
                 return False
             if isinstance(v, int) and abs(v) >= 10**100:
                 return False
+        if (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Mult | ast.Pow)
+            and any(_holds_sequence(side) for side in (node.left, node.right))
+        ):
+            return False
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
             if not _small_exponent(node.right):
                 return False
@@ -200,12 +208,31 @@ def is_safe_for(source: str | None, answer: str) -> bool:
     if source in PARSE_EXPR_SCORERS:
         return is_plain_expression(answer)
     if source in EVAL_SCORERS:
-        try:
-            compile(answer.lstrip(" \t"), "<answer>", "eval", ast.PyCF_ONLY_AST)
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            return True
-        return is_plain_expression(answer)
+        # what eval sees: the answer as given (eval strips spaces and tabs) or stripped (some
+        # scorers strip it first: "\n code" is an indentation error, "code" is not)
+        for text in {answer.lstrip(" \t"), answer.strip()}:
+            try:
+                compile(text, "<answer>", "eval", ast.PyCF_ONLY_AST)
+            except (SyntaxError, ValueError, RecursionError, MemoryError):
+                continue
+            if not is_plain_expression(text):
+                return False
+        return True
     return True
+
+
+def _holds_sequence(node: ast.AST) -> bool:
+    """Whether a list, tuple or string appears in ``node`` outside any call (a product of it
+    repeats it; a math function's result is a number)."""
+    if isinstance(node, ast.List | ast.Tuple) or (
+        isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ):
+        return True
+    if isinstance(node, ast.BinOp):
+        return _holds_sequence(node.left) or _holds_sequence(node.right)
+    if isinstance(node, ast.UnaryOp):
+        return _holds_sequence(node.operand)
+    return False
 
 
 def _small_exponent(node: ast.AST) -> bool:
