@@ -12,21 +12,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpo_lab.instantiate import instantiate
 from grpo_lab.policy.build import Policy
+from grpo_lab.tasks import chat
 from grpo_lab.tasks.base import Example, Task
-from grpo_lab.tasks.chat import render_prompts
 
 log = logging.getLogger(__name__)
 
 
 def encode_prompts(policy: Policy, examples: list[Example], task: Task) -> dict[str, torch.Tensor]:
     """Left-padded prompts rendered as SFT and GRPO render them (chat template, system prompt)."""
-    texts = render_prompts(
-        policy.tokenizer,
-        [ex.prompt for ex in examples],
-        system_prompt=getattr(task, "system_prompt", None),
-        use_chat_template=policy.use_chat_template,
-    )
-    return policy.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return chat.encode_prompts(policy.tokenizer, examples, task, policy.use_chat_template)
 
 
 @torch.no_grad()

@@ -27,12 +27,11 @@ from grpo_lab.grpo.schedule import lr_factor
 from grpo_lab.grpo.step import Algorithm
 from grpo_lab.grpo.types import Rollout
 from grpo_lab.policy import native
-from grpo_lab.policy.build import Policy, frozen_copy
-from grpo_lab.policy.lora import is_lora
+from grpo_lab.policy.build import Policy, reference_policy
 from grpo_lab.rewards.combine import RewardSet
 from grpo_lab.sampling.base import Completions, Sampler
 from grpo_lab.tasks.base import Example, Task
-from grpo_lab.tasks.chat import render_prompts
+from grpo_lab.tasks.chat import encode_prompts
 
 # The phases of a GRPO step, each logged as perf/<phase>_s (seconds spent in it this step).
 PHASES = ("sample", "reward", "ref_logprobs", "old_logprobs", "update")
@@ -71,16 +70,9 @@ class GRPOModule(L.LightningModule):
         sampler.configure(policy.tokenizer, policy.model_impl)
         # No reference model at all when the KL term is off. With LoRA the reference is the
         # policy with its adapters disabled (see reference()): no second copy is held.
-        self.reference_model = None
-        lora_base = reference is None and is_lora(self.policy)
-        if self.algo.kl.active and lora_base and self.train_cfg.ref_sync_every:
-            raise ValueError(
-                f"train.ref_sync_every={self.train_cfg.ref_sync_every} needs a separate reference "
-                "model; with policy.lora.enabled=true the reference is the frozen base model: set "
-                "train.ref_sync_every=0"
-            )
-        if self.algo.kl.active and not lora_base:
-            self.reference_model = reference if reference is not None else frozen_copy(self.policy)
+        self.reference_model = reference_policy(
+            self.policy, reference, self.algo.kl.active, self.train_cfg.ref_sync_every
+        )
         t = self.train_cfg
         self.dynamic_sampling = DynamicSampling(
             t.dynamic_sampling, t.dynamic_sampling_max_tries, cfg.seed
@@ -244,13 +236,7 @@ class GRPOModule(L.LightningModule):
 
     def encode_prompts(self, examples: list[Example]) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids and mask (B, P), rendered as SFT and eval render them."""
-        texts = render_prompts(
-            self.tokenizer,
-            [ex.prompt for ex in examples],
-            system_prompt=getattr(self.task, "system_prompt", None),
-            use_chat_template=self.use_chat_template,
-        )
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = encode_prompts(self.tokenizer, examples, self.task, self.use_chat_template)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def reward_context(self, completions: Completions) -> dict[str, Any]:

@@ -170,6 +170,25 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
+def reference_policy(
+    policy: nn.Module, given: nn.Module | None, kl_active: bool, ref_sync_every: int
+) -> nn.Module | None:
+    """pi_ref for the KL term: ``given``, or a frozen copy of the policy; None without a KL term,
+    and None with LoRA, whose reference is the policy with its adapters disabled (no copy)."""
+    from grpo_lab.policy.lora import is_lora
+
+    lora_base = given is None and is_lora(policy)
+    if kl_active and lora_base and ref_sync_every:
+        raise ValueError(
+            f"train.ref_sync_every={ref_sync_every} needs a separate reference model; with "
+            "policy.lora.enabled=true the reference is the frozen base model: set "
+            "train.ref_sync_every=0"
+        )
+    if not kl_active or lora_base:
+        return None
+    return given if given is not None else frozen_copy(policy)
+
+
 def load_tokenizer(
     name_or_path: str, *, trust_remote_code: bool = False, local_files_only: bool = False
 ) -> PreTrainedTokenizerBase:

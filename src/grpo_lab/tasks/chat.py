@@ -43,3 +43,17 @@ def render_prompts(
         )
         for p in prompts
     ]
+
+
+def encode_prompts(
+    tokenizer: Any, examples: list[Any], task: Any, use_chat_template: Any
+) -> dict[str, Any]:
+    """Left-padded prompt ids and attention mask (B, P) of the examples, rendered as SFT, GRPO and
+    eval render them (chat template, the task's system prompt)."""
+    texts = render_prompts(
+        tokenizer,
+        [ex.prompt for ex in examples],
+        system_prompt=getattr(task, "system_prompt", None),
+        use_chat_template=use_chat_template,
+    )
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
