@@ -121,22 +121,19 @@ def prepare(algo: Algorithm, host: StepHost, examples: list[Example]) -> Rollout
                 model, base = host.reference()
                 with base:
                     ref_logp, _ = logprobs_in_chunks(algo, host, model, c)  # (N, T)
-        old_entropy = None
-        if (
-            algo.batching.steps_per_rollout(algo.mu, rollout.size) > 1
-            or algo.loss.needs_old_entropy
-        ):
+        one_step = algo.batching.steps_per_rollout(algo.mu, rollout.size) == 1
+        logp = old_entropy = None  # log pi of the sampling policy, its entropy (N, T) each
+        if not one_step or algo.loss.needs_old_entropy:
             with host.phase("old_logprobs"):
-                old_logp, old_entropy = logprobs_in_chunks(
+                logp, old_entropy = logprobs_in_chunks(
                     algo, host, host.policy, c, with_entropy=algo.loss.needs_old_entropy
-                )  # (N, T) each
-            if algo.batching.steps_per_rollout(algo.mu, rollout.size) == 1:
-                old_logp = None  # one step per rollout: pi_old is pi_theta detached, exactly
+                )
+        # one step per rollout: pi_old is pi_theta detached, exactly (the loss takes it then)
+        old_logp = None if one_step else logp
         pg_mask, selection_stats = algo.loss.select_tokens(old_entropy, c.completion_mask)
         # 3 advantages
         rewards = rollout.rewards  # (N,)
         if algo.kl.in_reward:
-            logp = old_logp
             if logp is None:
                 with host.phase("old_logprobs"):
                     logp, _ = logprobs_in_chunks(algo, host, host.policy, c)
