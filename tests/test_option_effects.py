@@ -54,6 +54,8 @@ from grpo_lab.rewards.combine import RewardSet
 from grpo_lab.sampling.base import Completions
 from grpo_lab.train import build_module, build_rewards
 from helpers import FAST, compose, cpu_trainer
+from one_step import LENGTHS as ONE_STEP_LENGTHS
+from one_step import reference_rows
 
 # The reference model is held in eval mode on purpose (it is never trained).
 pytestmark = pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")
@@ -88,6 +90,7 @@ def module_of(*overrides: str, rewards=None) -> GRPOModule:
 # --------------------------------------------------------------------------- the fixed rollout
 
 LENGTHS = [1, 2, 3, MAX_NEW]  # the last hits max_new_tokens with no EOS: truncated
+assert LENGTHS == ONE_STEP_LENGTHS  # one_step.reference_rows reads rows of these lengths
 ADV = [2.0, 0.5, -1.0, -1.0]
 # pi_theta / pi_old per token, chosen against the clip ranges the tests use (no value sits on
 # a clip boundary):
@@ -180,21 +183,6 @@ def run_steps(module: GRPOModule, rollout: Rollout, steps: int = 1, callbacks=()
 # --------------------------------------------------------------------------- float64 reference
 
 
-def reference_rows(model: torch.nn.Module, rollout: Rollout):
-    """(log pi, entropy) per completion token, each row alone and unpadded, in float64."""
-    c = rollout.completions
-    rows = []
-    for i, n in enumerate(LENGTHS):
-        prompt = c.prompt_ids[i][c.prompt_mask[i].bool()]
-        tokens = c.completion_ids[i, :n]
-        logits = model(torch.cat([prompt, tokens]).unsqueeze(0)).logits[0].double()
-        logits = logits[len(prompt) - 1 : len(prompt) - 1 + n]  # (n, V): position t predicts t
-        log_probs = torch.log_softmax(logits, dim=-1)
-        logp = log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        rows.append((logp, -(log_probs.exp() * log_probs).sum(-1)))
-    return rows
-
-
 def reference_loss(
     rows,
     *,
@@ -239,7 +227,8 @@ def reference_loss(
 
 def reference_grads(model64: torch.nn.Module, rollout: Rollout, **formula) -> dict:
     model64.zero_grad(set_to_none=True)
-    reference_loss(reference_rows(model64, rollout), **formula).backward()
+    rows = reference_rows(model64, rollout.completions)  # the same LENGTHS as one_step's
+    reference_loss(rows, **formula).backward()
     return {n: p.grad.clone() for n, p in model64.named_parameters() if p.grad is not None}
 
 
