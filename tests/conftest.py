@@ -74,20 +74,28 @@ def run_cli(tmp_path, tracking_uri, cache_dir):
 @pytest.fixture
 def start_cli(tmp_path, tracking_uri, cache_dir):
     """Start the real ``grpo-lab`` in a subprocess inside tmp_path; the caller waits for it
-    (helpers.wait_for). Any process still running at the end of the test is killed."""
+    (helpers.wait_for). Any process still running at the end of the test is killed.
+
+    command: another command line to run in that environment (a script that calls the CLI).
+    output: a file for stdout and stderr together, for a process that prints more than a pipe
+    holds before the test reads it (a sweep); default: pipes.
+    """
     procs: list[subprocess.Popen] = []
 
-    def start(*args: str) -> subprocess.Popen:
+    def start(
+        *args: str, command: list[str] | None = None, output: Path | None = None
+    ) -> subprocess.Popen:
         env = {
             **cli_env(tracking_uri, cache_dir),
             "OMP_NUM_THREADS": str(THREADS_PER_WORKER),
         }
+        sink = open(output, "w") if output is not None else subprocess.PIPE  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "grpo_lab.cli", *args],
+            command or [sys.executable, "-m", "grpo_lab.cli", *args],
             cwd=tmp_path,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=sink,
+            stderr=subprocess.STDOUT if output is not None else subprocess.PIPE,
             text=True,
         )
         procs.append(proc)

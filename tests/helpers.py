@@ -159,6 +159,7 @@ def wait_for(proc, find, timeout: float = 300) -> Path:
             return found
         if proc.poll() is not None:
             out, err = proc.communicate()
+            out, err = out or "", err or ""  # None: the output went to a file
             raise AssertionError(f"exited {proc.returncode} early\n{out[-3000:]}\n{err[-5000:]}")
         time.sleep(0.2)
     raise AssertionError("timed out waiting for the run to write checkpoints")

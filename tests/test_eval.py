@@ -49,7 +49,7 @@ def run_eval(sweep: GridSweep, *args: str) -> subprocess.CompletedProcess:
 def test_eval_scores_a_checkpoint_as_a_run_linked_to_its_training_run(grid_sweep, tmp_path):
     from mlflow import MlflowClient
 
-    job = grid_sweep.sweep_dir / "0"
+    job = grid_sweep.sweep_dir / "G-2+epsilon-0.1"
     ckpt = job / "checkpoints" / "last.ckpt"
     proc = run_eval(
         grid_sweep,
@@ -87,7 +87,7 @@ def test_eval_scores_a_checkpoint_as_a_run_linked_to_its_training_run(grid_sweep
 
 @pytest.mark.slow
 def test_eval_rejects_k_larger_than_n(grid_sweep):
-    ckpt = grid_sweep.sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    ckpt = grid_sweep.sweep_dir / "G-2+epsilon-0.1" / "checkpoints" / "last.ckpt"
     proc = run_eval(grid_sweep, f"ckpt={ckpt}", "eval.n=4", "eval.k=9")
     assert proc.returncode != 0
     assert "eval.k=9 is invalid: expected 1 <= eval.k <= eval.n (eval.n=4)" in proc.stderr
@@ -125,7 +125,7 @@ def test_eval_scores_the_task_and_eval_split_the_run_trained_with(grid_sweep, tm
     """No task override: the run's task (max_operand=9, eval_size=20), its eval split (the first
     train.eval_size=8 prompts) and its sampler, so greedy accuracy and mean length equal the
     run's final eval. An explicit override still wins."""
-    job = grid_sweep.sweep_dir / "0"
+    job = grid_sweep.sweep_dir / "G-2+epsilon-0.1"
     ckpt = job / "checkpoints" / "last.ckpt"
     proc = run_eval(grid_sweep, f"ckpt={ckpt}", "eval.n=2", "eval.k=1")
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

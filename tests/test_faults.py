@@ -87,7 +87,7 @@ def test_sigterm_ends_a_sweep_with_its_parent_and_job_runs_killed(
     assert parent.info.status == "KILLED"
     assert [r.info.status for r in jobs] == ["KILLED"] * expected
     for r in jobs:
-        job_dir = Path(r.data.tags["grpo_lab.sweep_dir"]) / r.data.tags["grpo_lab.job_num"]
+        job_dir = Path(r.data.tags["grpo_lab.job_dir"])
         assert (job_dir / "checkpoints" / "last.ckpt").is_file()
 
 

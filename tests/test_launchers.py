@@ -241,6 +241,6 @@ def test_ddp_spawn_jobs_inside_a_sweep_each_log_one_run(run_cli, tracking_uri, l
         ):
             assert key in r.data.metrics, (r.info.run_name, sorted(r.data.metrics))
         assert r.data.metrics["objective"] == pytest.approx(r.data.metrics["eval/accuracy_final"])
-        out = Path(r.data.tags["grpo_lab.sweep_dir"]) / r.data.tags["grpo_lab.job_num"]
+        out = Path(r.data.tags["grpo_lab.job_dir"])
         assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == r.info.run_id
         assert (out / "checkpoints" / "last.ckpt").is_file()

@@ -42,15 +42,24 @@ def test_grid_sweep_nests_one_run_per_job_under_one_parent(grid_sweep):
     assert json.loads(parent.data.tags["grpo_lab.swept_keys"]) == ["G", "epsilon"]
     assert parent.data.metrics["sweep/jobs"] == 4 and parent.data.metrics["sweep/failed"] == 0
     assert "sweep_summary.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
-    # the job folders Hydra wrote, each with its overrides and the id of its MLflow run
-    jobs = sorted(p for p in grid_sweep.sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    # the job folders Hydra wrote, named by their swept values (sorted keys), each with its
+    # overrides and the id of its MLflow run
+    jobs = sorted(p for p in grid_sweep.sweep_dir.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == [
+        "G-2+epsilon-0.1",
+        "G-2+epsilon-0.2",
+        "G-4+epsilon-0.1",
+        "G-4+epsilon-0.2",
+    ]
     by_id = {r.info.run_id: r for r in children}
     for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         run = by_id[json.loads((job / "mlflow_run.json").read_text())["run_id"]]
-        assert run.data.tags["grpo_lab.job_num"] == job.name
-        assert f"G={run.data.params['G']}" in overrides
+        assert run.data.tags["grpo_lab.job_dir"] == str(job.resolve())
+        assert (
+            f"G={run.data.params['G']}" in overrides
+            and job.name.split("+")[0].replace("-", "=") in overrides
+        )
         assert (job / "checkpoints" / "last.ckpt").is_file()
     assert "grpo-lab report multirun/" in grid_sweep.stdout
 
@@ -107,7 +116,7 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(run_cli, tmp_path, track
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert [(r.info.run_name, r.info.status) for r in children] == [("eps=1.5", "FAILED")]
     assert parent.info.status == "FAILED"
-    assert not (sweep_dir_of(tmp_path) / "1").exists()  # job 1 never started
+    assert not (sweep_dir_of(tmp_path) / "epsilon-0.2").exists()  # job 1 never started
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ argparse over a finished sweep.
 from __future__ import annotations
 
 import secrets
+import signal
 import sys
 
 from omegaconf import OmegaConf
@@ -54,6 +55,31 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _job_stopped_alone(stop: SystemExit) -> bool:
+    """A signal stopped this sweep job in a launcher's worker process, and not because the
+    sweep is stopping: that job alone was signalled (its run ended KILLED with its checkpoint).
+
+    Raised on, the stop would break the worker pool and end every other job of the sweep.
+    """
+    from grpo_lab.faults import Interrupted
+
+    if not isinstance(stop, Interrupted) or not _in_multirun():
+        return False
+    from hydra.core.hydra_config import HydraConfig
+
+    from grpo_lab.sweep.callback import runs_the_sweep
+    from grpo_lab.sweep.run_files import sweep_stopping
+
+    if runs_the_sweep() or sweep_stopping(HydraConfig.get().sweep.dir):
+        return False
+    print(
+        "[grpo-lab] this job alone was stopped; the sweep goes on, and the same command with "
+        "resume=auto resumes it",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _run_id() -> str:
     """A token unique to this process: two runs started in the same second get their own dirs."""
     global _RUN_ID
@@ -80,6 +106,10 @@ def _hydra_app(command: str, argv0: str, overrides: list[str]):
         sys.argv = [argv0, command, *overrides]
         try:
             return run(cfg)
+        except SystemExit as stop:
+            if _job_stopped_alone(stop):
+                return float("nan")  # its run is KILLED; the sweep's other jobs go on
+            raise
         except Exception as err:
             message = user_error_message(err)
             if message is None or _in_multirun():
@@ -144,7 +174,23 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         argv0 = sys.argv[0]
         sys.argv = [f"grpo-lab-{command}", *rest]  # what Hydra parses (and names the job by)
-        _hydra_app(command, argv0, rest)()
+        try:
+            _hydra_app(command, argv0, rest)()
+        except BaseException as err:
+            from grpo_lab.faults import Interrupted
+
+            if isinstance(err, Interrupted):
+                # stopped and saved: more signals while the interpreter shuts down (a scheduler
+                # sends several) must not turn exit status 143 into death by signal
+                for s in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(s, signal.SIG_IGN)
+            elif not (isinstance(err, SystemExit) and err.code in (0, None)):
+                # the launcher failed (joblib's pool broken by a killed worker): Hydra exits 1,
+                # or re-raises with HYDRA_FULL_ERROR=1
+                from grpo_lab.sweep.callback import end_abandoned_sweep
+
+                end_abandoned_sweep(getattr(err, "code", type(err).__name__))
+            raise
     elif command == "report":
         from grpo_lab.report import main as report_main
 

@@ -204,6 +204,7 @@ RULES: dict[str, Rule | Bound] = {
     "eval.table_rows": _int(ge=1),
     "policy_from_run": _BOOL,
     "sweep.fail_fast": _BOOL,
+    "sweep.stop_timeout_s": _num(gt=0, why="seconds a stopped sweep waits for its jobs' saves"),
 }
 
 # Keys that were options once and did nothing: key -> why they are gone (a clear error, not a

@@ -5,6 +5,13 @@ and an output directory that cannot be written is an error before any compute.
   ``train`` saves ``last.ckpt``, ends the MLflow run as KILLED and exits with 128 + the signal
   number (130, 143). Outside training (warm start, eval) the signal stops the run at once
   (``signal_handlers(raise_interrupted)``): there is no GRPO state yet to save.
+- SIGUSR1 and SIGUSR2, a cluster's notice of preemption (Lightning's SLURM auto-requeue sends
+  SIGUSR1, submitit's ``signal_delay_s`` SIGUSR2), stop the same way; then the job is requeued
+  (``after_preemption``), and the requeued job resumes through ``resume=auto``.
+- Once a stop is under way, repeated signals do not cut the final save short: SIGTERM repeats are
+  ignored (a scheduler may send several), and the final save and the MLflow status update run
+  under ``deferred_signals``. Only a second Ctrl-C, seconds after the first and before the step
+  ends, stops at once (with the last periodic checkpoint kept).
 - A sweep (``sweep.MLflowSweepCallback``) registers a cleanup with ``add_cleanup`` that marks its
   parent run KILLED; ``exit_interrupted`` runs the cleanups before the process exits.
 - ``AtomicCheckpointIO`` writes each checkpoint to a temporary file beside it, then renames it
@@ -35,6 +42,7 @@ from grpo_lab.config import ConfigError
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # a scheduler's "you will be stopped soon"
 REPEAT_WINDOW_S = 3.0  # a signal this soon after the first is the same request, not a second
 
 
@@ -45,10 +53,11 @@ class Interrupted(SystemExit):
     on to the next one, while a signal has to end the whole sweep.
     """
 
-    def __init__(self, signum: int, detail: str = "") -> None:
+    def __init__(self, signum: int, detail: str = "", chained: Any = None) -> None:
         super().__init__(128 + signum)
         self.signum = signum
         self.detail = detail
+        self.chained = chained  # a preemption signal's earlier handler (``after_preemption``)
 
 
 def raise_interrupted(signum: int, frame: Any = None) -> NoReturn:
@@ -57,8 +66,11 @@ def raise_interrupted(signum: int, frame: Any = None) -> NoReturn:
 
 
 @contextmanager
-def signal_handlers(handler: Callable[[int, Any], Any]) -> Iterator[None]:
-    """Handle SIGINT and SIGTERM with ``handler`` inside the block, then restore the previous ones.
+def signal_handlers(
+    handler: Callable[[int, Any], Any], signals: tuple[int, ...] = STOP_SIGNALS
+) -> Iterator[None]:
+    """Handle ``signals`` (SIGINT and SIGTERM) with ``handler`` inside the block, then restore
+    the previous handlers.
 
     Python delivers signals to the main thread only, so elsewhere (a thread-based launcher) this
     installs nothing.
@@ -66,14 +78,46 @@ def signal_handlers(handler: Callable[[int, Any], Any]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
+    previous = {s: signal.getsignal(s) for s in signals}
+    for s in signals:
         signal.signal(s, handler)
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def set_signal_handlers(handler: Callable[[int, Any], Any]) -> None:
+    """Handle SIGINT and SIGTERM with ``handler`` from now on (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+
+
+def ignore_signal(signum: int, frame: Any = None) -> None:
+    """A handler for when there is nothing to stop: say so and go on."""
+    log.warning("%s ignored: no job is running in this process", signal.Signals(signum).name)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """Inside the block, stop and preemption signals are recorded, not handled: the block (the
+    final checkpoint save, the MLflow status update) runs to its end. Yields the list of signals
+    that arrived; the caller decides what they mean (a repeat of the stop under way: nothing).
+
+    Python-level, not ``pthread_sigmask``: the Python handler runs in the main thread whichever
+    thread the OS delivers the signal to, so masking the main thread alone would not defer it.
+    """
+    caught: list[int] = []
+    with signal_handlers(
+        lambda signum, frame: caught.append(signum), STOP_SIGNALS + PREEMPT_SIGNALS
+    ):
+        yield caught
+    for signum in caught:
+        log.warning(
+            "%s during the final save: ignored, the run is stopping", signal.Signals(signum).name
+        )
 
 
 _CLEANUPS: list[Callable[[int], None]] = []
@@ -89,8 +133,9 @@ def remove_cleanup(fn: Callable[[int], None]) -> None:
         _CLEANUPS.remove(fn)
 
 
-def exit_interrupted(signum: int, message: str) -> NoReturn:
-    """Run the registered cleanups, newest first, print ``message`` and exit with 128 + signum."""
+def exit_interrupted(signum: int, message: str, then: Callable[[], None] | None = None) -> NoReturn:
+    """Run the registered cleanups, newest first, print ``message``, run ``then`` (a requeue)
+    and exit with 128 + signum."""
     for fn in reversed(list(_CLEANUPS)):
         try:
             fn(signum)
@@ -98,39 +143,58 @@ def exit_interrupted(signum: int, message: str) -> NoReturn:
             log.exception("cleanup after %s failed", signal.Signals(signum).name)
     name = signal.Signals(signum).name
     print(f"[grpo-lab] stopped by {name}: {message}", file=sys.stderr, flush=True)
+    if then is not None:
+        then()
     raise Interrupted(signum, message)
 
 
 class StopOnSignal(L.Callback):
-    """SIGINT or SIGTERM during ``fit``: finish the current optimizer step, then stop.
+    """A stop or preemption signal during ``fit``: finish the current optimizer step, then stop.
 
     The handler only sets ``trainer.should_stop``; the loop ends after the current batch and
-    ``train`` saves the checkpoint. It replaces, for the length of the training loop, the SIGTERM
-    handler Lightning installs, which would raise ``SIGTERMException`` and mark the run FAILED. A
-    second signal while stopping, more than ``REPEAT_WINDOW_S`` after the first, stops at once.
+    ``train`` saves the checkpoint. It replaces, for the length of the training loop, the handlers
+    Lightning installs (its SIGTERM handler would raise ``SIGTERMException`` and mark the run
+    FAILED; its SLURM SIGUSR1 handler would save an ``hpc_ckpt`` that bypasses ``resume=auto``).
+    The handler that was there before for a preemption signal (submitit's requeue) is kept in
+    ``chained`` for ``after_preemption``. Repeats: see the module docstring.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.chained: Any = None  # the previous handler of the preemption signal received
         self._first_at = 0.0
+        self._step_done = False  # the step under way when the signal came has ended
+        self._previous: dict[int, Any] = {}
         self._handlers: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        signals = STOP_SIGNALS + PREEMPT_SIGNALS
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
+
         def stop(signum: int, frame: Any) -> None:
             if self.signum is not None:
                 # Ctrl-C reaches a joblib worker twice: from the terminal (the whole process
-                # group) and passed on by the sweep. A repeat within seconds is the same request.
-                if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
-                    return
-                raise Interrupted(signum, "second signal while stopping")
+                # group) and passed on by the sweep. A repeat within seconds is the same request,
+                # and so is any repeat of SIGTERM or a preemption notice. A second Ctrl-C while
+                # the step still runs is a person who will not wait for it.
+                impatient = (
+                    signum == signal.SIGINT
+                    and not self._step_done
+                    and time.monotonic() - self._first_at >= REPEAT_WINDOW_S
+                )
+                if impatient:
+                    raise Interrupted(signum, "second signal while stopping")
+                return
             self.signum, self._first_at = signum, time.monotonic()
+            self.chained = self._previous.get(signum)
             trainer.should_stop = True
             log.warning(
                 "%s received: stopping after the current step, then saving a checkpoint",
                 signal.Signals(signum).name,
             )
 
-        self._handlers = signal_handlers(stop)
+        self._handlers = signal_handlers(stop, signals)
         self._handlers.__enter__()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -141,6 +205,12 @@ class StopOnSignal(L.Callback):
             if stop and self.signum is None:
                 self.signum = signal.SIGTERM
             trainer.should_stop = trainer.should_stop or stop
+        if self.signum is not None:
+            self._step_done = True  # from here on only checkpoint saves run: let them finish
+            # Lightning validates when should_stop is set (for early stopping): an eval nobody
+            # scheduled, in the time a preemption notice leaves, logged at a step an undisturbed
+            # run does not evaluate at
+            trainer.limit_val_batches = 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -148,10 +218,47 @@ class StopOnSignal(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore()  # on_train_end does not run when the loop raises
 
-    def _restore(self) -> None:
+    def release(self) -> None:
+        """Give the signals back once ``train`` has saved the stopped run's checkpoint. Until
+        then a stopped run keeps this handler, which ignores repeats, so that no signal lands
+        between the end of the loop and the save."""
+        self._restore(stopped_and_saved=True)
+
+    def _restore(self, stopped_and_saved: bool = False) -> None:
+        if self.signum is not None and not stopped_and_saved:
+            return
         if self._handlers is not None:
             handlers, self._handlers = self._handlers, None
             handlers.__exit__(None, None, None)
+
+
+def after_preemption(signum: int, chained: Any, rank0: bool) -> None:
+    """After a preempted run saved ``last.ckpt`` and ended KILLED: have it requeued.
+
+    SIGUSR1 in a SLURM batch job (Lightning's auto-requeue signal): ``scontrol requeue`` the job
+    from rank 0, as Lightning does. A handler that was installed before training (submitit's
+    SIGUSR2 handler, which resubmits the Hydra job and exits) is then called. Either way the
+    requeued job runs the same command, and ``resume=auto`` continues the run.
+    """
+    if signum not in PREEMPT_SIGNALS:
+        return
+    job = os.environ.get("SLURM_JOB_ID")
+    if signum == signal.SIGUSR1 and rank0 and job and not callable(chained):
+        array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        if array_job is not None:
+            job = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+        import subprocess
+
+        try:
+            result = subprocess.call(["scontrol", "requeue", job])
+        except FileNotFoundError:
+            result = None
+        if result == 0:
+            log.warning("requeued SLURM job %s", job)
+        else:
+            log.warning("could not requeue SLURM job %s (scontrol: %s)", job, result)
+    if callable(chained):
+        chained(signum, None)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -215,9 +322,10 @@ def check_writable_dir(path: Path, key: str, value: Any) -> None:
 
 
 def stop_processes(
-    signum: int, pids: list[int], still_running: Callable[[], bool], timeout_s: float = 60.0
-) -> None:
-    """Send ``signum`` to ``pids``, then wait while ``still_running()``, at most ``timeout_s``.
+    signum: int, pids: list[int], still_running: Callable[[], bool], timeout_s: float
+) -> bool:
+    """Send ``signum`` to ``pids``, then wait while ``still_running()``, at most ``timeout_s``
+    (``sweep.stop_timeout_s``: as long as a step and a save take). Returns whether they stopped.
 
     A joblib (loky) sweep: a signal reaches the launcher's process only, and loky kills its
     workers outright (SIGKILL) when the launcher stops. Sent first, the signal lets each job stop
@@ -230,3 +338,4 @@ def stop_processes(
     deadline = time.monotonic() + timeout_s
     while pids and time.monotonic() < deadline and still_running():
         time.sleep(0.5)
+    return not (pids and still_running())

@@ -8,6 +8,10 @@
 - The MLflow run continued is the one ``mlflow_run.json`` names beside the checkpoint's
   ``checkpoints/`` folder (``sweep.write_run_file``). Metrics are stepped by rollout, so what the
   resumed run logs lands after what the run logged before.
+- ``resume=auto`` over a run that is done: a run FINISHED with this config is not run again
+  (``finished_run``); a run that stopped before its first checkpoint has nothing to continue, so
+  its MLflow run is deleted (restorable: ``mlflow runs restore``) and a new one takes its place
+  (``retire_unresumable_run``). A job has one run, whatever happened to it.
 - MLflow refuses to change a param once logged. A resume may change only the keys of
   ``RESUMABLE`` (how long the run goes, where it writes and logs, threads, progress bar); any
   other key whose value differs from the run's param is refused before any compute.
@@ -44,6 +48,7 @@ RESUMABLE = (
     "logger.",
     "num_threads",
     "trainer.enable_progress_bar",
+    "sweep.",
 )
 
 
@@ -149,3 +154,65 @@ def run_to_continue(
     if refused:
         raise ConfigError(refused)
     return run, changed
+
+
+# Keys that extend a finished run: with another value, resume=auto continues it.
+LENGTH_KEYS = ("train.rollouts", "trainer.max_steps")
+
+
+def _noted_run(out: Path, tracking_uri: str) -> Any | None:
+    """The MLflow run ``out/mlflow_run.json`` names, or None (no file, or the store lacks it)."""
+    from mlflow.exceptions import MlflowException
+
+    from grpo_lab import store, sweep
+
+    noted = sweep.read_run_file(out) if (out / sweep.RUN_FILE).is_file() else None
+    if noted is None:
+        return None
+    store.check_reachable(tracking_uri)
+    try:
+        return store.client(tracking_uri).get_run(noted["run_id"])
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+
+
+def finished_run(out: Path, tracking_uri: str, params: Mapping[str, str]) -> Any | None:
+    """The run in ``out`` if it is FINISHED and this config would only repeat it, else None.
+
+    Repeat: every param as the run logged it, except keys that change nothing computed
+    (``RESUMABLE``); ``train.rollouts`` or ``trainer.max_steps`` changed extends the run instead.
+    """
+    run = _noted_run(out, tracking_uri)
+    if run is None or run.info.status != "FINISHED" or run.info.lifecycle_stage != "active":
+        return None
+    changed = changed_params(renames.new_params(run.data.params), params)
+    if any(not resumable(k) or k in LENGTH_KEYS for k in changed):
+        return None  # extended, or refused with its reason by run_to_continue
+    return run
+
+
+def retire_unresumable_run(out: Path, tracking_uri: str) -> None:
+    """``out`` has an MLflow run but no checkpoint: delete that run (restorable) so the fresh
+    start is the job's one run. A FINISHED run is kept (its checkpoints were removed by hand)."""
+    from grpo_lab import store
+
+    run = _noted_run(out, tracking_uri)
+    if run is None or run.info.status == "FINISHED" or run.info.lifecycle_stage != "active":
+        return
+    client = store.client(tracking_uri)
+    run_id = run.info.run_id
+    client.set_tag(
+        run_id,
+        "grpo_lab.replaced",
+        f"{out} had no checkpoint to resume from; resume=auto started the run again",
+    )
+    client.delete_run(run_id)
+    log.warning(
+        "resume=auto: MLflow run %s (%s) stopped before its first checkpoint; it is deleted "
+        "(mlflow runs restore --run-id %s brings it back) and the run starts again",
+        run_id,
+        run.info.status,
+        run_id,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_lab import distributed, faults, resume, store, sweep, tracking
+from grpo_lab import distributed, faults, locks, resume, store, sweep, tracking
 from grpo_lab.callbacks import RNGStates, RolloutCheckpoint, RolloutProgressBar
 from grpo_lab.config import validate
 from grpo_lab.data import TaskDataModule
@@ -173,6 +174,8 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
     )
     if rank0 and run_id is not None:
         logger.experiment.update_run(run_id, status="RUNNING")  # it ended KILLED or FINISHED
+        # this start's process and place in the sweep (a sweep's stop signal finds it by pid)
+        tracking.set_tags(logger, sweep_tags)
     # mlflow_run.json beside checkpoints/: eval links a checkpoint to this run, the sweep finds it.
     if rank0:
         sweep.write_run_file(
@@ -184,9 +187,12 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
 def train(cfg: DictConfig) -> float:
     """Run one GRPO experiment; returns ``cfg.train.objective`` at the end (for sweepers).
 
-    The config is validated before any compute. Once the MLflow run exists, any failure (SFT,
-    a reward function, a NaN loss) marks it FAILED with the error; checkpoints already written
-    stay on disk.
+    The config is validated before any compute. The output dir is locked for the run's length
+    (``locks.RUN_LOCK``): a second process writing it is refused. Once the MLflow run exists,
+    any failure (SFT, a reward function, a NaN loss) marks it FAILED with the error; checkpoints
+    already written stay on disk. With ``resume=auto`` a run already FINISHED with this config
+    is not run again: its objective is read back from MLflow (a sweep run again skips its
+    finished jobs).
     """
     validate(cfg)
     ckpt_path = cfg.get("ckpt_path")
@@ -195,38 +201,66 @@ def train(cfg: DictConfig) -> float:
             f"ckpt_path={ckpt_path!r} does not exist; give a .ckpt written by a run"
         )
     out = output_dir(cfg)
-    ckpt = resume.checkpoint_to_resume(cfg, out, fixed_output_dir(cfg))
-    # A resume logs into the checkpoint's MLflow run: a config that run cannot take fails here.
+    faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
+    rank0 = distributed.launched_rank() == 0
+    lock = locks.OwnerLock(out / locks.RUN_LOCK, "output dir", "paths.output_dir", out)
+    if rank0:  # the other ranks of a DDP run write through rank 0
+        lock.acquire()
+    try:
+        return _train_in(cfg, out, rank0)
+    finally:
+        lock.release()
+
+
+def _train_in(cfg: DictConfig, out: Path, rank0: bool) -> float:
+    """``train`` once the output dir is this process's."""
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_sweep and sweep.sweep_stopping(HydraConfig.get().sweep.dir):
+        # the launcher started this job while a signal stops the sweep: it never begins
+        raise faults.Interrupted(signal.SIGTERM, "the sweep is stopping; this job did not start")
     params = tracking.config_params(cfg)
+    if cfg.get("resume") == "auto":
+        finished = resume.finished_run(out, cfg.logger.tracking_uri, params)
+        if finished is not None:
+            return _report_finished(cfg, finished, out)
+    ckpt = resume.checkpoint_to_resume(cfg, out, fixed_output_dir(cfg))
+    if cfg.get("resume") == "auto" and ckpt is None and rank0:
+        # killed before its first checkpoint: nothing to continue, and its metrics would repeat
+        resume.retire_unresumable_run(out, cfg.logger.tracking_uri)
+    # A resume logs into the checkpoint's MLflow run: a config that run cannot take fails here.
     run, changed = resume.run_to_continue(ckpt, cfg.logger.tracking_uri, params)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
-    faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
 
     logger = make_logger(cfg, run.info.run_id if run is not None else None)
     try:
         # Until the training loop takes over (StopOnSignal), a signal stops the run at once.
         with faults.signal_handlers(faults.raise_interrupted):
             tracking.log_config(logger, cfg, run.data.params if run is not None else None)
-            if run is None and distributed.launched_rank() == 0:
+            if run is None and rank0:
                 # params hold "auto"; the tag says what it resolved to for this run
                 shared = Batching.from_config(cfg).shared
                 tracking.set_tags(logger, {"grpo_lab.shared_prefix": str(shared).lower()})
-            if run is not None and distributed.launched_rank() == 0:
+            if run is not None and rank0:
                 tracking.note_resume(logger, ckpt, {k: now for k, (_, now) in changed.items()})
             objective = _fit(cfg, logger, out, str(ckpt) if ckpt else None)
     except faults.Interrupted as stop:
-        logger.finalize("KILLED")
-        faults.exit_interrupted(
-            stop.signum, f"MLflow run {logger.run_id} ended as KILLED. {stop.detail}".strip()
-        )
+        # a repeated signal must not leave the run RUNNING or its sweep's parent unmarked
+        signum, chained = stop.signum, stop.chained
+        with faults.deferred_signals():
+            logger.finalize("KILLED")
+            faults.exit_interrupted(
+                signum,
+                f"MLflow run {logger.run_id} ended as KILLED. {stop.detail}".strip(),
+                then=lambda: faults.after_preemption(signum, chained, rank0),
+            )
     except BaseException as err:
-        if distributed.launched_rank() == 0:
+        if rank0:
             sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
         logger.finalize("FAILED")
         raise
     logger.finalize("FINISHED")
-    if distributed.launched_rank() > 0:
+    if not rank0:
         return objective  # rank 0 reports the run
     log.info("objective %s = %.4f", cfg.train.objective, objective)
     print(f"[grpo-lab] {cfg.train.objective} = {objective:.4f}  (run {logger.run_id})")
@@ -236,6 +270,19 @@ def train(cfg: DictConfig) -> float:
         f"[grpo-lab]   then open {tracking.runs_url(cfg.logger.tracking_uri, logger.experiment_id)}"
     )
     return objective
+
+
+def _report_finished(cfg: DictConfig, run: Any, out: Path) -> float:
+    """The objective of a run that already FINISHED with this config, as MLflow holds it."""
+    metrics = run.data.metrics
+    objective = metrics.get("objective", metrics.get(f"{cfg.train.objective}_final", math.nan))
+    if distributed.launched_rank() == 0:
+        print(
+            f"[grpo-lab] already FINISHED (resume=auto): MLflow run {run.info.run_id} in {out}; "
+            f"{cfg.train.objective} = {objective:.4f}. Nothing to do; raise train.rollouts to "
+            "train it further"
+        )
+    return float(objective)
 
 
 def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None) -> float:
@@ -296,13 +343,17 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if stop.signum is not None:
         path = out / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(path)
+        with faults.deferred_signals():  # a second signal must not cut the save short
+            trainer.save_checkpoint(path)
+        stop.release()
         again = (
             "run the same command again to resume (resume=auto)"
             if cfg.get("resume") == "auto"
             else f"resume with ckpt_path={path}"
         )
-        raise faults.Interrupted(stop.signum, f"Checkpoint of step {trainer.global_step}; {again}")
+        raise faults.Interrupted(
+            stop.signum, f"Checkpoint of step {trainer.global_step}; {again}", stop.chained
+        )
     if module.last_eval is not None and module.last_eval[0] == module.rollouts_done:
         final = dict(module.last_eval[1])  # the last rollout was just evaluated
     else:
@@ -312,9 +363,12 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
         {f"{k}_final": v for k, v in final.items() if k.startswith("eval/")},
         step=module.rollouts_done,
     )
-    return float(
+    objective = float(
         final.get(cfg.train.objective, trainer.callback_metrics.get(cfg.train.objective, math.nan))
     )
+    # what a sweeper maximises, on the run: a sweep run again reads it back for finished jobs
+    logger.log_metrics({"objective": objective}, step=module.rollouts_done)
+    return objective
 
 
 def silence_noise() -> None:

@@ -166,7 +166,9 @@ def load(source: str, tracking_uri: str | None = None) -> tuple[Sweep, Path | No
     for run in runs:
         swept = _renamed(json.loads(run.data.tags.get("grpo_lab.swept", "{}")))
         overrides_file = None
-        if sweep_dir is not None and "grpo_lab.job_num" in run.data.tags:
+        if "grpo_lab.job_dir" in run.data.tags:
+            overrides_file = Path(run.data.tags["grpo_lab.job_dir"]) / ".hydra" / "overrides.yaml"
+        elif sweep_dir is not None and "grpo_lab.job_num" in run.data.tags:  # before job_dir
             overrides_file = (
                 sweep_dir / run.data.tags["grpo_lab.job_num"] / ".hydra" / "overrides.yaml"
             )

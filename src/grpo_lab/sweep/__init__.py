@@ -8,6 +8,9 @@ package adds what they lack, one concern a module:
 - ``gpu_slots``: ``grpo_lab_device``, the resolver ``hydra/launcher=parallel_gpu`` sets
   CUDA_VISIBLE_DEVICES with: each joblib worker holds one GPU slot, a lock file in the sweep
   dir, for its life. Importing this package registers it.
+- ``job_dirs``: ``grpo_lab_job_dir``, the resolver that names a grid sweep's job folders by
+  their swept values (``G-4+beta-0+seed-0``), so a sweep run again finds each job by its
+  values. Importing this package registers it.
 - ``run_files``: ``mlflow_sweep.json`` and ``mlflow_run.json``, how jobs, eval and resume find
   their MLflow runs, and ``record_failure``.
 - ``naming``: run names and tags: what ``train.make_logger`` puts on a job's run (parent id,
@@ -36,6 +39,7 @@ from grpo_lab.sweep.gpu_slots import (
     claim_gpu_slot,
     sweep_dir_of_job,
 )
+from grpo_lab.sweep.job_dirs import job_dir_name
 from grpo_lab.sweep.naming import (
     job_tags,
     run_name_from_overrides,
@@ -49,10 +53,12 @@ from grpo_lab.sweep.run_files import (
     HOST_TAG,
     PID_TAG,
     RUN_FILE,
+    STOPPING_FILE,
     SWEEP_FILE,
     read_run_file,
     read_sweep_file,
     record_failure,
+    sweep_stopping,
     write_run_file,
 )
 
@@ -63,6 +69,7 @@ __all__ = [
     "HOST_TAG",
     "PID_TAG",
     "RUN_FILE",
+    "STOPPING_FILE",
     "SWEEP_FILE",
     "MLflowSweepCallback",
     "SweepArgumentError",
@@ -73,6 +80,7 @@ __all__ = [
     "check_plugins",
     "claim_gpu_slot",
     "expand_seeds",
+    "job_dir_name",
     "job_tags",
     "prepare_argv",
     "read_run_file",
@@ -82,6 +90,7 @@ __all__ = [
     "short_key",
     "short_value",
     "split_override",
+    "sweep_stopping",
     "swept_keys",
     "sweep_dir_of_job",
     "write_run_file",

@@ -1,8 +1,11 @@
 """``MLflowSweepCallback``: one MLflow parent run per ``-m`` sweep, one nested run per job.
 
-Registered in ``conf/hydra/default.yaml``. Before any job starts it creates the experiment once
-(parallel jobs creating it race in SQLite) and the parent run, and writes
-``<sweep dir>/mlflow_sweep.json`` so that jobs in other processes (joblib, SLURM) find it.
+Registered in ``conf/hydra/default.yaml``. Before any job starts it locks the sweep dir (a second
+sweep command on it is refused while the first runs), creates the experiment once (parallel jobs
+creating it race in SQLite) and the parent run, and writes ``<sweep dir>/mlflow_sweep.json`` so
+that jobs in other processes (joblib, SLURM) find it. With ``resume=auto`` a sweep dir that
+already has a parent run keeps it: the same command run again after a kill continues the sweep
+under one parent (each job finds its own dir, see ``job_dirs``).
 Before each job it lets a joblib worker spawn processes (``ddp_spawn``). After each job it
 records a failure (tag ``grpo_lab.error``, artifact ``error/traceback.txt``, status FAILED)
 and, unless ``sweep.fail_fast``, turns it into a NaN objective so the other jobs run. At the end
@@ -30,10 +33,12 @@ from grpo_lab.sweep.run_files import (
     ERROR_TAG,
     HOST_TAG,
     PID_TAG,
+    STOPPING_FILE,
     SWEEP_FILE,
     read_run_file,
     read_sweep_file,
     record_failure,
+    write_atomically,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,7 @@ class MLflowSweepCallback(Callback):
                 config.hydra.sweeper.max_batch_size = max(
                     1, int(OmegaConf.select(config, "hydra.launcher.n_jobs") or 1)
                 )
+        _hold_sweep_lock(sweep_dir)
         uri, name = config.logger.tracking_uri, config.logger.experiment_name
         exp_id = store.ensure_experiment(uri, name)
         keys = swept_keys(config)
@@ -66,34 +72,47 @@ class MLflowSweepCallback(Callback):
         label = " ".join(f"{short_key(k)}={values.get(k, '(sweeper)')}" for k in keys)
         sweep_id = "/".join(sweep_dir.parts[-2:])
         client = store.client(uri)
-        run = client.create_run(
-            exp_id,
-            run_name=f"sweep {label}".strip(),
-            tags={
-                "grpo_lab.role": "sweep",
-                "grpo_lab.sweep_id": sweep_id,
-                "grpo_lab.sweep_dir": str(sweep_dir.resolve()),
-                "grpo_lab.overrides": json.dumps(list(config.hydra.overrides.task)),
-                "grpo_lab.swept_keys": json.dumps(keys),
-                "grpo_lab.objective": str(OmegaConf.select(config, "train.objective") or ""),
-                "grpo_lab.launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),
-                "grpo_lab.sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_")),
-            },
-        )
+        sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_"))
+        parent_id = _parent_to_continue(config, client, exp_id, sweep_dir)
+        if parent_id is None:
+            parent_id = client.create_run(
+                exp_id,
+                run_name=f"sweep {label}".strip(),
+                tags={
+                    "grpo_lab.role": "sweep",
+                    "grpo_lab.sweep_id": sweep_id,
+                    "grpo_lab.sweep_dir": str(sweep_dir.resolve()),
+                    "grpo_lab.overrides": json.dumps(list(config.hydra.overrides.task)),
+                    "grpo_lab.swept_keys": json.dumps(keys),
+                    "grpo_lab.objective": str(OmegaConf.select(config, "train.objective") or ""),
+                    "grpo_lab.launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),
+                    "grpo_lab.sweeper": sweeper,
+                },
+            ).info.run_id
         data = {
-            "parent_run_id": run.info.run_id,
+            "parent_run_id": parent_id,
             "experiment_id": exp_id,
             "tracking_uri": uri,
             "experiment_name": name,
             "sweep_id": sweep_id,
             "sweep_dir": str(sweep_dir.resolve()),
             "swept_keys": keys,
+            "sweeper": sweeper,
         }
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(data, indent=2) + "\n")
-        log.info("MLflow sweep run %s (experiment %s): %s", run.info.run_id, name, label)
-        self._watch_signals(client, exp_id, run.info.run_id)
+        write_atomically(sweep_dir / SWEEP_FILE, json.dumps(data, indent=2) + "\n")
+        log.info("MLflow sweep run %s (experiment %s): %s", parent_id, name, label)
+        timeout = float(OmegaConf.select(config, "sweep.stop_timeout_s", default=600.0))
+        (sweep_dir / STOPPING_FILE).unlink(missing_ok=True)  # an earlier start's
+        self._watch_signals(client, exp_id, parent_id, timeout, sweep_dir)
 
-    def _watch_signals(self, client: Any, experiment_id: str, parent_run_id: str) -> None:
+    def _watch_signals(
+        self,
+        client: Any,
+        experiment_id: str,
+        parent_run_id: str,
+        timeout_s: float,
+        sweep_dir: Path,
+    ) -> None:
         """SIGINT or SIGTERM ends the sweep with its parent run KILLED, not RUNNING forever.
 
         The jobs' runs stop first: in this process (basic launcher) through train's own handler,
@@ -113,6 +132,11 @@ class MLflowSweepCallback(Callback):
             )
 
         def on_signal(signum: int, frame: Any) -> None:
+            if _WATCH.get("stopping"):
+                return  # a repeat: the stop under way already passed it on
+            _WATCH["stopping"] = True
+            # a job that gets the signal stops the sweep with it, and none starts from now on
+            write_atomically(sweep_dir / STOPPING_FILE, f"{os.getpid()}\n")
             here = socket.gethostname()
             pids = [
                 int(r.data.tags[PID_TAG])
@@ -120,19 +144,46 @@ class MLflowSweepCallback(Callback):
                 if r.data.tags.get(HOST_TAG) == here and r.data.tags.get(PID_TAG, "").isdigit()
             ]
             pids = [pid for pid in pids if pid != os.getpid()]  # a job in this process handles it
-            faults.stop_processes(signum, pids, still_running=lambda: bool(running_jobs()))
+
+            def still_running() -> bool:
+                return any(_alive(int(r.data.tags.get(PID_TAG, -1))) for r in running_jobs())
+
+            stopped = faults.stop_processes(signum, pids, still_running, timeout_s)
+            if not stopped:  # their processes die with the sweep: their runs end KILLED
+                for r in running_jobs():
+                    why = (
+                        f"not stopped {timeout_s:g} s after signal {signum} (sweep.stop_timeout_s)"
+                    )
+                    client.set_tag(r.info.run_id, ERROR_TAG, why)
+                    client.set_terminated(r.info.run_id, "KILLED")
             faults.exit_interrupted(signum, f"sweep parent MLflow run {parent_run_id} KILLED")
 
         faults.add_cleanup(kill_parent)
         handlers = faults.signal_handlers(on_signal)
         handlers.__enter__()
         # Module state, not attributes: the joblib launcher pickles this callback for its workers.
-        _WATCH.update(handlers=handlers, cleanup=kill_parent)
+        _WATCH.update(handlers=handlers, cleanup=kill_parent, client=client, parent=parent_run_id)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         allow_spawn_in_worker()
+        if not runs_the_sweep():  # a launcher's worker process (joblib)
+            from grpo_lab import faults
+
+            # A stop signal to this worker stops its job, from here on (train installs its own
+            # handlers once it starts). Left at the default, it would kill the worker, and the
+            # broken pool would end every other job of the sweep.
+            faults.set_signal_handlers(faults.raise_interrupted)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if not runs_the_sweep():
+            from grpo_lab import faults
+
+            # Between jobs there is nothing to stop: a signal that comes late is ignored.
+            faults.set_signal_handlers(faults.ignore_signal)
+        self._record_job_end(config, job_return)
+
+    def _record_job_end(self, config: DictConfig, job_return: Any) -> None:
+
         from hydra.core.utils import JobStatus
 
         from grpo_lab import store
@@ -146,16 +197,19 @@ class MLflowSweepCallback(Callback):
             run["run_id"] if run and run.get("experiment_id") == sweep["experiment_id"] else None
         )
         if job_return.status == JobStatus.COMPLETED:
-            if run_id is not None:
-                try:
-                    value = float(job_return.return_value)
-                except (TypeError, ValueError):
-                    return
-                client.log_metric(run_id, "objective", value)
-            return
+            return  # train logged the objective on the run
         if job_return.status != JobStatus.FAILED:
             return
         err: BaseException = job_return._return_value
+        from grpo_lab.locks import Locked
+
+        if isinstance(err, Locked):
+            # another live process (a worker of an earlier start of this sweep) has this job:
+            # its run is that process's to end; this start leaves it alone
+            log.error("job %s not run: %s", config.hydra.job.num, err)
+            job_return.status = JobStatus.COMPLETED
+            job_return.return_value = math.nan
+            return
         if run_id is None:  # failed before its run existed (config check, building the policy)
             name, tags = job_tags()
             run_id = client.create_run(sweep["experiment_id"], run_name=name, tags=tags).info.run_id
@@ -204,8 +258,9 @@ class MLflowSweepCallback(Callback):
             filter_string=f"tags.mlflow.parentRunId = '{parent}'",
             max_results=5000,
         )
-        runs = sorted(runs, key=lambda r: int(r.data.tags.get("grpo_lab.job_num", "0")))
+        runs = sorted(runs, key=_job_label)
         failed = [r for r in runs if r.info.status == "FAILED"]
+        killed = [r for r in runs if r.info.status == "KILLED"]
         done = [
             r
             for r in runs
@@ -215,7 +270,7 @@ class MLflowSweepCallback(Callback):
         for r in runs:
             obj = r.data.metrics.get("objective")
             lines.append(
-                f"| {r.data.tags.get('grpo_lab.job_num', '?')} | {r.info.run_name} | {r.info.status} | "
+                f"| {_job_label(r)} | {r.info.run_name} | {r.info.status} | "
                 f"{'' if obj is None else f'{obj:.4f}'} |"
             )
         metrics = {"sweep/jobs": len(runs), "sweep/failed": len(failed)}
@@ -231,12 +286,112 @@ class MLflowSweepCallback(Callback):
             path = Path(tmp) / "sweep_summary.md"
             path.write_text("\n".join(lines) + "\n")
             client.log_artifact(parent, str(path))
-        client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+        status = "FAILED" if failed else "KILLED" if killed else "FINISHED"
+        client.set_terminated(parent, status)
+        _release_sweep_lock()
         sweep_dir = os.path.relpath(sweep["sweep_dir"])
         print(
-            f"[grpo-lab] sweep: {len(runs)} jobs, {len(failed)} failed; parent MLflow run {parent}"
+            f"[grpo-lab] sweep: {len(runs)} jobs, {len(failed)} failed, {len(killed)} killed; "
+            f"parent MLflow run {parent} {status}"
         )
+        if killed:
+            print("[grpo-lab] the same command with resume=auto resumes the killed jobs")
         print("\n".join(lines))
         print(f"[grpo-lab] compare them: grpo-lab report {sweep_dir}")
         print(f"[grpo-lab] MLflow UI: {ui_command(sweep['tracking_uri'])}")
         print(f"[grpo-lab]   then open {runs_url(sweep['tracking_uri'], sweep['experiment_id'])}")
+
+
+def _job_label(run: Any) -> str:
+    """A job's folder under the sweep dir (its swept values), else its job number: the same
+    label in every start of the sweep."""
+    folder = run.data.tags.get("grpo_lab.job_dir")
+    return Path(folder).name if folder else run.data.tags.get("grpo_lab.job_num", "?")
+
+
+def runs_the_sweep() -> bool:
+    """Whether this process is the sweep's own (it holds the sweep lock), not a launcher's worker."""
+    return "lock" in _WATCH
+
+
+def end_abandoned_sweep(exit_code: Any) -> None:
+    """The sweep's process is exiting without ``on_multirun_end`` (a launcher error: joblib's
+    TerminatedWorkerError when a worker is killed): end the parent FAILED, naming the way on.
+    Called by the CLI; nothing to do outside a sweep or once the sweep ended."""
+    client, parent = _WATCH.get("client"), _WATCH.get("parent")
+    if client is None or _WATCH.get("stopping") or "lock" not in _WATCH:
+        return
+    try:
+        if client.get_run(parent).info.status == "RUNNING":
+            client.set_tag(
+                parent,
+                ERROR_TAG,
+                f"the sweep's process exited ({exit_code}) before its jobs ended; run the same "
+                "command with resume=auto to continue it",
+            )
+            client.set_terminated(parent, "FAILED")
+    finally:
+        _release_sweep_lock()
+
+
+def _hold_sweep_lock(sweep_dir: Path) -> None:
+    """Lock the sweep dir for this sweep's process, or refuse: two sweep commands on one dir
+    would run each job twice. A SystemExit: Hydra turns a callback's Exception into a warning."""
+    from grpo_lab.locks import SWEEP_LOCK, Locked, OwnerLock
+
+    lock = OwnerLock(sweep_dir / SWEEP_LOCK, "sweep dir", "hydra.sweep.dir", sweep_dir)
+    try:
+        _WATCH["lock"] = lock.acquire()
+    except Locked as err:
+        raise SystemExit(f"grpo-lab: {err}".replace("invalid config:\n  ", "")) from None
+
+
+def _release_sweep_lock() -> None:
+    lock = _WATCH.pop("lock", None)
+    if lock is not None:
+        lock.release()
+
+
+def _parent_to_continue(
+    config: DictConfig, client: Any, experiment_id: str, sweep_dir: Path
+) -> str | None:
+    """With ``resume=auto``: the parent run an earlier start of this sweep made, back to RUNNING;
+    None for a new parent (no earlier start, or no ``resume=auto``)."""
+    from mlflow.exceptions import MlflowException
+
+    earlier = read_sweep_file(sweep_dir)
+    if OmegaConf.select(config, "resume") != "auto" or earlier is None:
+        return None
+    if earlier.get("experiment_id") != experiment_id:
+        log.warning(
+            "resume=auto: the sweep in %s logged to experiment %s, this one to %s: new parent run",
+            sweep_dir,
+            earlier.get("experiment_id"),
+            experiment_id,
+        )
+        return None
+    try:
+        parent = client.get_run(earlier["parent_run_id"])
+    except MlflowException:
+        return None
+    if parent.info.lifecycle_stage != "active":
+        return None
+    run_id = parent.info.run_id
+    starts = int(parent.data.tags.get("grpo_lab.sweep_starts", "1")) + 1
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "grpo_lab.sweep_starts", str(starts))
+    if ERROR_TAG in parent.data.tags:  # "stopped by signal 15" is no longer what it is
+        client.delete_tag(run_id, ERROR_TAG)
+    log.info("resume=auto: sweep continues under parent run %s (start %d)", run_id, starts)
+    return run_id
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a job's run can be RUNNING after its death)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return pid > 0

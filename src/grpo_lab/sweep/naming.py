@@ -85,7 +85,8 @@ def job_tags() -> tuple[str | None, dict[str, str]]:
         "mlflow.parentRunId": sweep["parent_run_id"],
         "grpo_lab.sweep_id": sweep["sweep_id"],
         "grpo_lab.sweep_dir": sweep["sweep_dir"],
-        "grpo_lab.job_num": str(hc.job.num),
+        "grpo_lab.job_num": str(hc.job.num),  # in this start of the sweep
+        "grpo_lab.job_dir": str(hc.runtime.output_dir),  # the same in every start (job_dirs)
         "grpo_lab.overrides": json.dumps(overrides),
         "grpo_lab.swept": json.dumps(swept),
         HOST_TAG: socket.gethostname(),

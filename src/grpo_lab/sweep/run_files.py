@@ -9,12 +9,15 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
 SWEEP_FILE = "mlflow_sweep.json"  # in the sweep dir: parent run, experiment, swept keys
+# in the sweep dir while a signal stops the sweep: its jobs stop with it, none starts
+STOPPING_FILE = "grpo_lab_sweep.stopping"
 RUN_FILE = "mlflow_run.json"  # in each run's output dir: its MLflow run (eval links to it)
 ERROR_TAG = "grpo_lab.error"
 # Where a job runs: a sweep stopped by a signal passes it on to its jobs on this machine.
@@ -40,7 +43,20 @@ def write_run_file(out_dir: str | Path, run_id: str, experiment_id: str, trackin
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri}
-    (out / RUN_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    write_atomically(out / RUN_FILE, json.dumps(data, indent=2) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place: a process
+    killed meanwhile leaves the old file or the new, and a reader never sees half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_run_file(path: str | Path) -> dict | None:
@@ -51,6 +67,11 @@ def read_run_file(path: str | Path) -> dict | None:
         if f.is_file():
             return json.loads(f.read_text())
     return None
+
+
+def sweep_stopping(sweep_dir: str | Path) -> bool:
+    """Whether a signal is stopping the sweep in ``sweep_dir`` (``STOPPING_FILE`` is there)."""
+    return (Path(sweep_dir) / STOPPING_FILE).is_file()
 
 
 def read_sweep_file(sweep_dir: str | Path) -> dict | None:

@@ -1,0 +1,168 @@
+"""The parts a preemptible sweep stands on, each alone: job folders named by their values, lock
+files that name their owner and die with it, signals deferred around the final save, a stop
+that waits for its jobs as long as the config says."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from grpo_lab import faults
+from grpo_lab.config import ConfigError, validate
+from grpo_lab.locks import Locked, OwnerLock, read_owner
+from grpo_lab.sweep.job_dirs import MAX_NAME, _job_dir, job_dir_name
+from grpo_lab.sweep.run_files import SWEEP_FILE
+from helpers import compose
+
+# --------------------------------------------------------------------------- job folders
+
+
+def test_a_job_folder_is_named_by_its_swept_values_whatever_their_order():
+    swept = ["beta", "G", "seed"]
+    a = job_dir_name(["G=4", "beta=0.04", "seed=1", "train.rollouts=8"], swept)
+    b = job_dir_name(["train.rollouts=8", "seed=1", "beta=0.04", "G=4"], list(reversed(swept)))
+    assert a == b == "G-4+beta-0.04+seed-1"  # sorted keys; unswept keys left out
+    assert job_dir_name(["G=8", "beta=0.04", "seed=1"], swept) != a
+    assert job_dir_name(["train.rollouts=8"], swept) is None  # nothing swept: the job number
+
+
+def test_a_value_a_folder_cannot_hold_or_a_long_name_gets_a_digest():
+    odd = job_dir_name(["task.path=/data/a b.jsonl"], ["task.path"])
+    odd2 = job_dir_name(["task.path=/data/a_b.jsonl"], ["task.path"])
+    assert "/" not in odd and " " not in odd and odd != odd2  # "_" alone would merge them
+    assert odd.startswith("task.path-_data_a_b.jsonl-")
+    listed = job_dir_name(["train.milestones=[1,2]"], ["train.milestones"])
+    assert "," not in listed and "=" not in listed  # unquoted in ckpt=... on the command line
+    long = job_dir_name([f"k{i}=value{i}" for i in range(20)], [f"k{i}" for i in range(20)])
+    assert len(long) <= MAX_NAME
+    other = job_dir_name(
+        [f"k{i}=value{i}" for i in range(19)] + ["k19=x"], [f"k{i}" for i in range(20)]
+    )
+    assert long != other  # same prefix, another last value: another folder
+
+
+def test_the_resolver_names_grid_jobs_by_value_and_other_sweepers_by_number(tmp_path):
+    overrides = ["G=4", "beta=0"]
+    assert _job_dir(tmp_path, 3, overrides) == "3"  # no sweep file: no MLflow callback
+    sweep = {
+        "swept_keys": ["G"],
+        "sweeper": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    }
+    (tmp_path / SWEEP_FILE).write_text(json.dumps(sweep))
+    assert _job_dir(tmp_path, 3, overrides) == "G-4"
+    sweep["sweeper"] = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    (tmp_path / SWEEP_FILE).write_text(json.dumps(sweep))
+    assert _job_dir(tmp_path, 3, overrides) == "3"  # Optuna may pick the same values twice
+
+
+# --------------------------------------------------------------------------- lock files
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from grpo_lab.locks import OwnerLock
+lock = OwnerLock(Path(sys.argv[1]), "output dir", "paths.output_dir", sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def start_holder(path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_held_lock_refuses_naming_its_owner_and_dies_with_it(tmp_path):
+    path = tmp_path / "out" / "grpo_lab.lock"
+    holder = start_holder(path)
+    try:
+        owner = read_owner(path)
+        assert owner["pid"] == holder.pid and owner["host"] == socket.gethostname()
+        with pytest.raises(Locked) as refused:
+            OwnerLock(path, "output dir", "paths.output_dir", tmp_path / "out").acquire()
+        message = str(refused.value)
+        assert f"paths.output_dir={tmp_path / 'out'}" in message
+        assert f"pid {holder.pid} on {socket.gethostname()}" in message and "-c" in message
+        assert isinstance(refused.value, ConfigError)  # the CLI prints it as a config error
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the file still names it
+        holder.wait()
+    assert read_owner(path)["pid"] == holder.pid
+    with OwnerLock(path, "output dir", "paths.output_dir", tmp_path / "out"):
+        assert read_owner(path)["pid"] == os.getpid()  # the OS dropped the dead owner's lock
+    assert read_owner(path) is None  # released: the file names nobody
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_a_signal_inside_deferred_signals_waits_for_the_block_and_is_reported():
+    finished = []
+    with faults.signal_handlers(faults.raise_interrupted):
+        with faults.deferred_signals() as caught:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler would have run by now
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+            finished.append(True)
+        assert caught == [signal.SIGTERM, signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGTERM) is faults.raise_interrupted  # restored
+    assert finished == [True]
+
+
+def test_the_previous_handler_of_a_preemption_signal_runs_after_the_stop():
+    calls = []
+    faults.after_preemption(signal.SIGUSR2, lambda signum, frame: calls.append(signum), True)
+    assert calls == [signal.SIGUSR2]
+    faults.after_preemption(signal.SIGTERM, lambda signum, frame: calls.append(signum), True)
+    assert calls == [signal.SIGUSR2]  # a plain stop requeues nothing
+
+
+def test_a_stop_waits_while_jobs_run_and_says_when_they_did_not_stop(tmp_path):
+    ignoring = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stopping = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for p in (ignoring, stopping):
+            assert p.stdout.readline().strip() == "up"
+        start = time.monotonic()
+        stopped = faults.stop_processes(
+            signal.SIGTERM, [stopping.pid], lambda: stopping.poll() is None, timeout_s=30
+        )
+        assert stopped and time.monotonic() - start < 10
+        start = time.monotonic()
+        stopped = faults.stop_processes(
+            signal.SIGTERM, [ignoring.pid], lambda: ignoring.poll() is None, timeout_s=1.5
+        )
+        assert not stopped and 1.5 <= time.monotonic() - start < 5  # the bound, not 60 s
+    finally:
+        ignoring.kill()
+        stopping.kill()
+
+
+def test_the_stop_timeout_is_a_positive_number_of_seconds():
+    assert compose().sweep.stop_timeout_s == 600
+    with pytest.raises(ConfigError, match=r"sweep.stop_timeout_s=0 .*> 0"):
+        validate(compose("sweep.stop_timeout_s=0", check=False))
