@@ -178,15 +178,17 @@ def compose(args: list[str], cwd: Path) -> str | None:
 
 def check_commands(commands: list[DocCommand], cwd: Path) -> list[str]:
     """One message per documented command that does not compose (or, marked, that does)."""
-    try:
-        jobs = {c: compositions(c.argv) for c in commands}
-    except SystemExit as err:  # a sweep argument the CLI refuses before Hydra
-        return [f"{c}\n  {err}" for c in commands]
+    jobs, failures = {}, []
+    for command in commands:
+        try:
+            jobs[command] = compositions(command.argv)
+        except SystemExit as err:  # a sweep argument the CLI refuses before Hydra
+            if not command.not_composed:
+                failures.append(f"{command}\n  {err}")
     unique = sorted({tuple(args) for args_list in jobs.values() for args in args_list})
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = dict(zip(unique, pool.map(lambda args: compose(list(args), cwd), unique)))
-    failures = []
     for command, args_list in jobs.items():
         errors = [(args, results[tuple(args)]) for args in args_list if results[tuple(args)]]
         if command.not_composed:
@@ -293,3 +295,18 @@ def test_a_misspelled_override_fails_naming_the_file_the_line_and_hydras_message
     assert "Could not find 'surrogate/cipso'" in value
     # a marker whose command composes is reported; one that does not compose is left alone
     assert stale.startswith(f"{page}:14: ") and "remove the marker" in stale
+
+
+def test_a_misspelled_override_in_the_readme_fails_at_its_line(tmp_path):
+    """The same with the README itself: one of its tour's overrides misspelled in a copy."""
+    text = (ROOT / "README.md").read_text()
+    original = "grpo-lab train G=16 beta=0.04 train.rollouts=300"
+    assert text.count(original) == 1
+    copy = tmp_path / "README.md"
+    copy.write_text(text.replace(original, original.replace("rollouts", "rolouts")))
+    line = text[: text.index(original)].count("\n") + 1
+    commands = [c for c in documented_commands(copy) if line <= c.line <= line + 1]
+    assert [c.line for c in commands] == [line, line + 1]  # the next one, a sweep, composes
+    (failure,) = check_commands(commands, tmp_path)
+    assert failure.startswith(f"{copy}:{line}: grpo-lab train G=16 beta=0.04 train.rolouts=300\n")
+    assert "Key 'rolouts' is not in struct" in failure
