@@ -161,3 +161,32 @@ def chat_model_dir(tmp_path_factory) -> Path:
     from grpo_lab.testing import save_chat_model
 
     return save_chat_model(tmp_path_factory.mktemp("chat-model") / "qwen2-tiny", CHAT_TEXTS)
+
+
+# ---------------------------------------------- the browser tests' outcome, in every run's summary
+# pytest-xdist's quiet output names neither passed nor skipped tests: CI's log would not show
+# whether the MLflow UI test ran. One line per test marked ``browser`` says it (skips with their
+# reason), from the reports the run already has: nothing runs twice.
+
+_browser_outcomes: dict[str, tuple[str, float, str]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "browser" not in report.keywords:
+        return
+    outcome, seconds, reason = _browser_outcomes.get(report.nodeid, ("passed", 0.0, ""))
+    seconds += report.duration
+    if report.failed:
+        outcome = "failed"
+    elif report.skipped and outcome != "failed":
+        outcome = "skipped"
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else ""
+    _browser_outcomes[report.nodeid] = (outcome, seconds, reason)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for nodeid, (outcome, seconds, reason) in sorted(_browser_outcomes.items()):
+        why = f" ({reason})" if reason else ""
+        terminalreporter.write_line(
+            f"browser test {outcome.upper()} in {seconds:.0f} s: {nodeid}{why}"
+        )

@@ -1,7 +1,9 @@
 """The MLflow UI in a real headless Chromium shows the shared sweep: nested runs, params, charts.
 
 Needs Debian's chromium (apt-get install chromium) and playwright's Python package
-(pip install 'grpo-lab[browser]'); no browser is downloaded. Skipped, with the reason, without them.
+(pip install 'grpo-lab[browser]'); no browser is downloaded. Skipped, with the reason, without them,
+unless GRPO_LAB_REQUIRE_BROWSER=1 (set by .ci/run once chromium is installed): then it fails, so
+CI cannot pass with the browser test silently skipped.
 The screenshots land in the test's temporary folder (printed on failure).
 """
 
@@ -32,16 +34,23 @@ ARGS = [
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip where the browser is optional (a developer's machine); fail where CI requires it."""
+    if os.environ.get("GRPO_LAB_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"GRPO_LAB_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).is_file():
-        pytest.skip(
+        skip_or_fail(
             f"no Chromium at {CHROMIUM}: apt-get install chromium (or set GRPO_LAB_CHROMIUM)"
         )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip(
+        skip_or_fail(
             "playwright is not installed: pip install 'grpo-lab[browser]' (no browser download needed)"
         )
     with sync_playwright() as p:

@@ -11,7 +11,7 @@ what they need and accept ``**_`` for the rest.
 """
 
 from grpo_lab.rewards.basic import accuracy_reward, format_reward, r1_format_reward
-from grpo_lab.rewards.combine import RewardError, RewardSet
+from grpo_lab.rewards.combine import RewardError, RewardFunction, RewardSet
 from grpo_lab.rewards.length import length_penalty, overlong_penalty
 from grpo_lab.rewards.math_verify import MathVerifyReward
 from grpo_lab.rewards.model import EmbeddingSimilarity, RewardModel
@@ -21,6 +21,7 @@ __all__ = [
     "EmbeddingSimilarity",
     "MathVerifyReward",
     "RewardError",
+    "RewardFunction",
     "RewardModel",
     "RewardSet",
     "accuracy_reward",

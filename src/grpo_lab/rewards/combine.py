@@ -16,7 +16,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -27,6 +27,25 @@ RewardFn = Callable[..., list]
 ON_ERROR = tuple(option.value for option in RewardOnError)
 
 log = logging.getLogger(__name__)
+
+
+class RewardFunction(Protocol):
+    """A reward function: any callable of this shape, a function or an instance (built once),
+    named in the config by ``reward.functions.<name>._target_``."""
+
+    def __call__(
+        self, completions: list[str], examples: list[Example], **ctx: Any
+    ) -> list[float | None]:
+        """One score per completion. None means "not applicable": it is left out of that
+        function's mean (as in TRL) and counts as 0 in the weighted sum.
+
+        ``ctx`` always holds ``task`` (the Task), ``truncated`` (list[bool], no EOS within
+        ``max_new_tokens``), ``lengths`` (list[int], completion tokens including EOS) and
+        ``max_new_tokens`` (int); take what you need and accept ``**_`` for the rest. A function
+        may also have a ``pop_counts() -> dict[str, float]`` method: what it counted in the call
+        (logged as ``rewards/<name>/<key>``).
+        """
+        ...
 
 
 class RewardError(RuntimeError):
