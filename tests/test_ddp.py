@@ -10,6 +10,7 @@ Lightning's DDP (forked processes for the in-test runs; the CLI run re-runs the 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,7 @@ from mlflow import MlflowClient
 from torch.utils.data import DataLoader
 
 from grpo_lab import distributed
+from grpo_lab.callbacks import RNGStates, saved_states_of_rank
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.module import GRPOModule
@@ -27,7 +29,7 @@ from grpo_lab.sampling import GenerateSampler
 from grpo_lab.sampling.base import Completions
 from grpo_lab.tasks import ArithmeticTask
 from grpo_lab.tasks.base import Example
-from helpers import FAST, compose, cpu_trainer, module_of
+from helpers import FAST, LEARNING, compose, cpu_trainer, module_of, points_of, wait_for
 
 # The reference model is held in eval mode on purpose (it is never trained).
 pytestmark = [
@@ -176,7 +178,7 @@ def run(module: GRPOModule, data: FixedPrompts, out: Path, devices: int, validat
         # Training prompts come from FixedPrompts; eval is left to Lightning's default (which
         # would put a padding DistributedSampler on the eval prompts) and data.EvalShard.
         use_distributed_sampler=validate_only,
-        callbacks=[Record(out), distributed.RankSeed(seed=0)],
+        callbacks=[Record(out), RNGStates(seed=0)],
     )
     try:
         if validate_only:
@@ -205,6 +207,20 @@ def test_rank_seeds_are_distinct_and_rank_zero_keeps_the_seed():
     assert distributed.rank_seed(5, 1, step=10) != distributed.rank_seed(5, 1)
     assert distributed.rank_seed(5, 0, step=10) != 5
     assert all(0 <= s < 2**32 for s in seeds)
+
+
+def test_each_rank_finds_its_own_rng_states_in_a_checkpoint():
+    saved = RNGStates(seed=0).state_dict()  # one process: a list of one rank's states
+    assert len(saved["ranks"]) == 1 and torch.equal(
+        saved_states_of_rank(saved, 0)["torch"], torch.get_rng_state()
+    )
+    two = {"ranks": [{"torch": "rank 0"}, {"torch": "rank 1"}]}
+    assert saved_states_of_rank(two, 1) == {"torch": "rank 1"}
+    assert saved_states_of_rank(two, 2) is None  # resumed on more ranks: rank 2 reseeds
+    # written before per-rank states: rank 0's alone, at the top level
+    old = {"torch": "rank 0", "numpy": {}, "python": ()}
+    assert saved_states_of_rank(old, 0) is old
+    assert saved_states_of_rank(old, 1) is None
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -382,3 +398,54 @@ def test_cli_ddp_run_logs_one_mlflow_run_with_eval_metrics(run_cli, tracking_uri
     # Rank 0 trains the warm start (or finds it cached) before rank 1 starts; rank 1 reuses it.
     assert output.count("SFT warm start trained") <= 1
     assert "SFT warm start reused from cache" in output
+
+
+# 2 CPU ranks of the real CLI, one thread each; dynamic sampling on, so each rank also draws
+# fresh prompts from its own stream (LEARNING's warm start leaves some groups dead).
+DDP_CLI = [
+    "trainer=ddp",
+    "trainer.devices=2",
+    "trainer.accelerator=cpu",
+    "num_threads=1",
+    *(o for o in LEARNING if not o.startswith(("train.rollouts=", "train.dynamic_sampling="))),
+    "train.dynamic_sampling=true",
+    "train.rollouts=6",
+    "resume=auto",
+]
+
+
+@pytest.mark.slow
+def test_a_ddp_run_killed_midway_resumes_exactly_on_every_rank(
+    run_cli, start_cli, tmp_path, tracking_uri
+):
+    """2 ranks, SIGTERM to the launching process once rollout 2 is checkpointed, then the same
+    command again: every metric at every step equals an undisturbed 2-rank run's. The logged
+    metrics are means over both ranks, so rank 1 drawing other samples after the resume (other
+    completions, other fresh prompts) shows in reward, loss, kl and the lengths."""
+    run_cli("train", *DDP_CLI, f"paths.output_dir={tmp_path / 'clean'}")
+    out = tmp_path / "run"
+    proc = start_cli("train", *DDP_CLI, f"paths.output_dir={out}")
+    wait_for(proc, lambda: (out / "checkpoints" / "rollout-step=2.ckpt").is_file() or None)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, f"{stdout[-2000:]}\n{stderr[-4000:]}"
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 2 <= saved["grpo_rollouts_done"] < 6  # killed midway: rollouts are left to resume
+
+    run_cli("train", *DDP_CLI, f"paths.output_dir={out}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id, clean_id = (
+        json.loads((d / "mlflow_run.json").read_text())["run_id"] for d in (out, tmp_path / "clean")
+    )
+    assert client.get_run(run_id).info.status == "FINISHED"
+    resumed, clean = points_of(client, run_id), points_of(client, clean_id)
+    assert resumed.keys() == clean.keys()
+    assert [s for s, _ in clean["rollout"]] == list(range(1, 7))
+    # after the stop, some rank resampled dead groups: the fresh-prompt streams were drawn from
+    resumed_at = saved["grpo_rollouts_done"]
+    assert max(v for s, v in clean["dynamic_sampling/tries"] if s > resumed_at) > 1
+    assert len({v for _, v in clean["loss"]}) > 1 and len({v for _, v in clean["reward"]}) > 1
+    for key in clean:
+        assert [s for s, _ in resumed[key]] == [s for s, _ in clean[key]], key
+        if not key.startswith("perf/"):
+            assert [v for _, v in resumed[key]] == pytest.approx([v for _, v in clean[key]]), key

@@ -5,8 +5,10 @@ needs on top, each a small function over ``torch.distributed`` that is the ident
 single process:
 
 - Each rank samples its own completions: ``rank_seed`` gives rank r > 0 a seed of its own,
-  derived from (seed, rank); ``RankSeed`` applies it at the first training batch. A prompt's G
-  completions are sampled on one rank, so group advantages need no communication.
+  derived from (seed, rank); ``callbacks.RNGStates`` applies it at the first training batch, and
+  keeps every rank's RNG states in the checkpoint (``gather_objects``), so a resume is exact on
+  every rank. A prompt's G completions are sampled on one rank, so group advantages need no
+  communication.
 - ``loss=token_mean`` divides by the token count of the whole step, over all ranks
   (``token_mean_denominator``), not by each rank's own count.
 - Per-rollout metrics are means over ranks (``mean_over_ranks``); eval counts are summed over
@@ -18,7 +20,6 @@ single process:
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -60,34 +61,15 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
 
 
-class RankSeed(L.Callback):
-    """Reseeds torch, numpy and random on ranks > 0 at their first training batch.
-
-    Every rank starts from the same ``seed`` (``seed_everything``), so without this all ranks
-    sample the same completions for the same prompt. Rank 0 keeps its stream, so one-process
-    runs are unchanged. It acts at the first batch, and
-    must come after any callback that restores RNG states from a checkpoint at that point: a
-    checkpoint holds one rank's states, which the other ranks must not replay.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._pending = True
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pending = True
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if not self._pending:
-            return
-        self._pending = False
-        if trainer.world_size > 1 and trainer.global_rank > 0:
-            s = rank_seed(self.seed, trainer.global_rank, trainer.global_step)
-            torch.manual_seed(s)
-            np.random.seed(s)
-            random.seed(s)
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (``[value]`` in one process). Every rank must call
+    this at the same point; the values are pickled, so CPU tensors and plain objects only."""
+    size = world()[1]
+    if size == 1:
+        return [value]
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def sum_over_ranks(values: Tensor) -> Tensor:
@@ -116,12 +98,9 @@ def token_mean_denominator(local_tokens: Tensor) -> float:
 def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     """Per-step metrics of all ranks combined (``combine_rank_metrics``). Every rank must call
     this at the same point; one process gets its own metrics back."""
-    size = world()[1]
-    if size == 1:
+    if world()[1] == 1:
         return dict(metrics)
-    gathered: list[dict[str, float]] = [{}] * size
-    dist.all_gather_object(gathered, dict(metrics))
-    return combine_rank_metrics(gathered)
+    return combine_rank_metrics(gather_objects(dict(metrics)))
 
 
 def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -104,7 +104,7 @@ def exit_interrupted(signum: int, message: str) -> NoReturn:
 class StopOnSignal(L.Callback):
     """SIGINT or SIGTERM during ``fit``: finish the current optimizer step, then stop.
 
-    The handler only sets ``trainer.should_stop``; the loop ends after the current batch and
+    The handler only asks for ``trainer.should_stop``; the loop ends after the current batch and
     ``train`` saves the checkpoint. It replaces, for the length of the training loop, the SIGTERM
     handler Lightning installs, which would raise ``SIGTERMException`` and mark the run FAILED. A
     second signal while stopping, more than ``REPEAT_WINDOW_S`` after the first, stops at once.
@@ -124,7 +124,11 @@ class StopOnSignal(L.Callback):
                     return
                 raise Interrupted(signum, "second signal while stopping")
             self.signum, self._first_at = signum, time.monotonic()
-            trainer.should_stop = True
+            # Under DDP only on_train_batch_end may stop the loop, with every rank's say: set
+            # here, between that decision and the loop's check (during a checkpoint save, say),
+            # this rank alone would leave the loop and the others wait for it forever.
+            if trainer.world_size == 1:
+                trainer.should_stop = True
             log.warning(
                 "%s received: stopping after the current step, then saving a checkpoint",
                 signal.Signals(signum).name,

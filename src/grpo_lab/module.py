@@ -114,15 +114,20 @@ class GRPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["grpo_rollouts_done"] = self.rollouts_done
         checkpoint["grpo_skipped_steps_total"] = self.skips.total
-        checkpoint["grpo_prompt_generator"] = self.dynamic_sampling.state_dict()
+        # every rank's dynamic-sampling stream (this hook runs on every rank; rank 0 writes)
+        checkpoint["grpo_prompt_generators"] = distributed.gather_objects(
+            self.dynamic_sampling.state_dict()
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rollouts_done = checkpoint.get("grpo_rollouts_done", 0)
         self.skips.total = checkpoint.get("grpo_skipped_steps_total", 0)
         self.dynamic_sampling.rank = self.global_rank
-        self.dynamic_sampling.load_state_dict(
-            checkpoint.get("grpo_prompt_generator"), self.rollouts_done
-        )
+        # older checkpoints hold rank 0's stream alone, under the singular key
+        saved = checkpoint.get("grpo_prompt_generators") or [
+            checkpoint.get("grpo_prompt_generator")
+        ]
+        self.dynamic_sampling.load_state_dict(saved, self.rollouts_done)
 
     # ------------------------------------------------------------------ the GRPO step
 

@@ -266,9 +266,8 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     max_steps = cfg.trainer.get("max_steps") or optimizer_steps(cfg)
     callbacks = [
         checkpoint,
-        RNGStates(),
+        RNGStates(cfg.seed),
         tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged),
-        distributed.RankSeed(cfg.seed),  # after RNGStates: both act at the first batch
         stop,
     ]
     if cfg.trainer.get("enable_progress_bar", True):
