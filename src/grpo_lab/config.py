@@ -187,6 +187,7 @@ RULES: dict[str, Rule | Bound] = {
         lambda v: (_is_int(v) and (v >= 1 or v == -1)) or isinstance(v, str) or _is_list(v),
         "an integer >= 1, -1 (all), auto, or a list of device indices",
     ),
+    "trainer.num_nodes": _int(ge=1),
     "trainer.max_steps": _int(ge=1, nullable=True, why="null = derived from train.rollouts"),
     "trainer.max_epochs": _int(ge=1, nullable=True, special=(-1,), why="-1 = no limit"),
     "trainer.log_every_n_steps": _int(ge=1),

@@ -203,16 +203,20 @@ def train(cfg: DictConfig) -> float:
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
     faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
 
+    # Only global rank 0 makes and writes the MLflow run; Lightning learns which one that is
+    # (its rank_zero_only) only when the process group starts, after the run exists.
+    rank0 = distributed.adopt_launched_rank() == 0
     logger = make_logger(cfg, run.info.run_id if run is not None else None)
     try:
         # Until the training loop takes over (StopOnSignal), a signal stops the run at once.
         with faults.signal_handlers(faults.raise_interrupted):
-            tracking.log_config(logger, cfg, run.data.params if run is not None else None)
-            if run is None and distributed.launched_rank() == 0:
+            if rank0:
+                tracking.log_config(logger, cfg, run.data.params if run is not None else None)
+            if run is None and rank0:
                 # params hold "auto"; the tag says what it resolved to for this run
                 shared = Batching.from_config(cfg).shared
                 tracking.set_tags(logger, {"grpo_lab.shared_prefix": str(shared).lower()})
-            if run is not None and distributed.launched_rank() == 0:
+            if run is not None and rank0:
                 tracking.note_resume(logger, ckpt, {k: now for k, (_, now) in changed.items()})
             objective = _fit(cfg, logger, out, str(ckpt) if ckpt else None)
     except faults.Interrupted as stop:
@@ -221,12 +225,12 @@ def train(cfg: DictConfig) -> float:
             stop.signum, f"MLflow run {logger.run_id} ended as KILLED. {stop.detail}".strip()
         )
     except BaseException as err:
-        if distributed.launched_rank() == 0:
+        if rank0:
             sweep.record_failure(logger.experiment, logger.run_id, err)  # tag + traceback artifact
         logger.finalize("FAILED")
         raise
     logger.finalize("FINISHED")
-    if distributed.launched_rank() > 0:
+    if not rank0:
         return objective  # rank 0 reports the run
     log.info("objective %s = %.4f", cfg.train.objective, objective)
     print(f"[grpo-lab] {cfg.train.objective} = {objective:.4f}  (run {logger.run_id})")
@@ -246,7 +250,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     rewards = build_rewards(cfg)
     sampler = instantiate(cfg.sampler)
     policy, sft_path = build_policy(cfg, task)
-    if sft_path is not None:
+    if sft_path is not None and distributed.launched_rank() == 0:
         logger.experiment.set_tag(logger.run_id, "grpo_lab.sft_warm_start", str(sft_path))
     warn_on_inert_settings(cfg)
     module = build_module(cfg, policy=policy, task=task, rewards=rewards, sampler=sampler)
