@@ -27,7 +27,7 @@ from grpo_lab.grpo.schedule import lr_factor
 from grpo_lab.grpo.step import Algorithm
 from grpo_lab.grpo.types import Rollout
 from grpo_lab.policy import native
-from grpo_lab.policy.build import Policy, reference_policy
+from grpo_lab.policy.build import Policy, check_trainable_dtype, reference_policy
 from grpo_lab.rewards.combine import RewardSet
 from grpo_lab.sampling.base import Completions, Sampler
 from grpo_lab.tasks.base import Example, Task
@@ -59,6 +59,7 @@ class GRPOModule(L.LightningModule):
         self.algo = Algorithm.from_config(cfg)
         self.train_cfg = OmegaConf.create(OmegaConf.to_container(cfg.train, resolve=True))
         self.policy = policy.model
+        check_trainable_dtype(self.policy, cfg.policy.get("dtype"))
         # Dropout off for good (as TRL's disable_dropout): pi_old, pi_theta and pi_ref must be
         # the same function of the weights, or the ratio is not 1 at the first inner step.
         self.policy.eval()
