@@ -189,6 +189,7 @@ def train(cfg: DictConfig) -> float:
     stay on disk.
     """
     validate(cfg)
+    sweep.check_job_gpu(cfg)  # hydra/launcher=parallel_gpu: a job given a GPU has one
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(
