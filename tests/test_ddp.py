@@ -10,6 +10,10 @@ Lightning's DDP (forked processes for the in-test runs; the CLI run re-runs the 
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +23,7 @@ from mlflow import MlflowClient
 from torch.utils.data import DataLoader
 
 from grpo_lab import distributed
+from grpo_lab.callbacks import RNGStates, saved_states_of_rank
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.data import TaskDataModule
 from grpo_lab.module import GRPOModule
@@ -27,7 +32,17 @@ from grpo_lab.sampling import GenerateSampler
 from grpo_lab.sampling.base import Completions
 from grpo_lab.tasks import ArithmeticTask
 from grpo_lab.tasks.base import Example
-from helpers import FAST, compose, cpu_trainer, module_of
+from helpers import (
+    FAST,
+    LEARNING,
+    cli_env,
+    compose,
+    cpu_trainer,
+    module_of,
+    points_of,
+    runs_of,
+    wait_for,
+)
 
 # The reference model is held in eval mode on purpose (it is never trained).
 pytestmark = [
@@ -176,7 +191,7 @@ def run(module: GRPOModule, data: FixedPrompts, out: Path, devices: int, validat
         # Training prompts come from FixedPrompts; eval is left to Lightning's default (which
         # would put a padding DistributedSampler on the eval prompts) and data.EvalShard.
         use_distributed_sampler=validate_only,
-        callbacks=[Record(out), distributed.RankSeed(seed=0)],
+        callbacks=[Record(out), RNGStates(seed=0)],
     )
     try:
         if validate_only:
@@ -205,6 +220,47 @@ def test_rank_seeds_are_distinct_and_rank_zero_keeps_the_seed():
     assert distributed.rank_seed(5, 1, step=10) != distributed.rank_seed(5, 1)
     assert distributed.rank_seed(5, 0, step=10) != 5
     assert all(0 <= s < 2**32 for s in seeds)
+
+
+def test_each_rank_finds_its_own_rng_states_in_a_checkpoint():
+    saved = RNGStates(seed=0).state_dict()  # one process: a list of one rank's states
+    assert len(saved["ranks"]) == 1 and torch.equal(
+        saved_states_of_rank(saved, 0)["torch"], torch.get_rng_state()
+    )
+    two = {"ranks": [{"torch": "rank 0"}, {"torch": "rank 1"}]}
+    assert saved_states_of_rank(two, 1) == {"torch": "rank 1"}
+    assert saved_states_of_rank(two, 2) is None  # resumed on more ranks: rank 2 reseeds
+    # written before per-rank states: rank 0's alone, at the top level
+    old = {"torch": "rank 0", "numpy": {}, "python": ()}
+    assert saved_states_of_rank(old, 0) is old
+    assert saved_states_of_rank(old, 1) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),  # one process
+        # torchrun: RANK is the global rank, whatever the node and local ranks
+        ({"RANK": "0", "GROUP_RANK": "1", "LOCAL_RANK": "0"}, 0),
+        ({"RANK": "3", "GROUP_RANK": "1", "LOCAL_RANK": "1"}, 3),
+        # Lightning's launcher: the user starts node n with NODE_RANK=n and no LOCAL_RANK
+        ({"NODE_RANK": "0"}, 0),
+        ({"NODE_RANK": "1"}, 2),
+        ({"NODE_RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, 3),
+        ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, 1),  # the rank it starts beside rank 0
+        ({"GROUP_RANK": "1"}, 2),
+        # inside a Slurm allocation that did not start the ranks: Lightning's vars decide
+        ({"SLURM_PROCID": "0", "LOCAL_RANK": "1", "NODE_RANK": "0"}, 1),
+        ({"SLURM_PROCID": "0", "SLURM_NODEID": "1", "LOCAL_RANK": "0"}, 2),
+        # srun started every rank
+        ({"SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_LOCALID": "0"}, 0),
+        ({"SLURM_PROCID": "5", "SLURM_NODEID": "2", "SLURM_LOCALID": "1"}, 5),
+        ({"JSM_NAMESPACE_RANK": "2"}, 2),
+        ({"NODE_RANK": ""}, 0),  # set but empty: unset
+    ],
+)
+def test_the_launched_rank_is_zero_on_one_process_of_the_job_only(env, rank):
+    assert distributed.launched_rank(env, devices_per_node=2) == rank
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -382,3 +438,174 @@ def test_cli_ddp_run_logs_one_mlflow_run_with_eval_metrics(run_cli, tracking_uri
     # Rank 0 trains the warm start (or finds it cached) before rank 1 starts; rank 1 reuses it.
     assert output.count("SFT warm start trained") <= 1
     assert "SFT warm start reused from cache" in output
+
+
+# 2 CPU ranks of the real CLI, one thread each; dynamic sampling on, so each rank also draws
+# fresh prompts from its own stream (LEARNING's warm start leaves some groups dead).
+DDP_CLI = [
+    "trainer=ddp",
+    "trainer.devices=2",
+    "trainer.accelerator=cpu",
+    "num_threads=1",
+    *(o for o in LEARNING if not o.startswith(("train.rollouts=", "train.dynamic_sampling="))),
+    "train.dynamic_sampling=true",
+    "train.rollouts=6",
+    "resume=auto",
+]
+
+
+@pytest.mark.slow
+def test_a_ddp_run_killed_midway_resumes_exactly_on_every_rank(
+    run_cli, start_cli, tmp_path, tracking_uri
+):
+    """2 ranks, SIGTERM to the launching process once rollout 2 is checkpointed, then the same
+    command again: every metric at every step equals an undisturbed 2-rank run's. The logged
+    metrics are means over both ranks, so rank 1 drawing other samples after the resume (other
+    completions, other fresh prompts) shows in reward, loss, kl and the lengths."""
+    run_cli("train", *DDP_CLI, f"paths.output_dir={tmp_path / 'clean'}")
+    out = tmp_path / "run"
+    proc = start_cli("train", *DDP_CLI, f"paths.output_dir={out}")
+    wait_for(proc, lambda: (out / "checkpoints" / "rollout-step=2.ckpt").is_file() or None)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, f"{stdout[-2000:]}\n{stderr[-4000:]}"
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 2 <= saved["grpo_rollouts_done"] < 6  # killed midway: rollouts are left to resume
+
+    run_cli("train", *DDP_CLI, f"paths.output_dir={out}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id, clean_id = (
+        json.loads((d / "mlflow_run.json").read_text())["run_id"] for d in (out, tmp_path / "clean")
+    )
+    assert client.get_run(run_id).info.status == "FINISHED"
+    resumed, clean = points_of(client, run_id), points_of(client, clean_id)
+    assert resumed.keys() == clean.keys()
+    assert [s for s, _ in clean["rollout"]] == list(range(1, 7))
+    # after the stop, some rank resampled dead groups: the fresh-prompt streams were drawn from
+    resumed_at = saved["grpo_rollouts_done"]
+    assert max(v for s, v in clean["dynamic_sampling/tries"] if s > resumed_at) > 1
+    assert len({v for _, v in clean["loss"]}) > 1 and len({v for _, v in clean["reward"]}) > 1
+    for key in clean:
+        assert [s for s, _ in resumed[key]] == [s for s, _ in clean[key]], key
+        if not key.startswith("perf/"):
+            assert [v for _, v in resumed[key]] == pytest.approx([v for _, v in clean[key]]), key
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the rendezvous binds it moments later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_nodes(tmp_path: Path, env: dict, command) -> list[subprocess.CompletedProcess]:
+    """``command(node)`` on two "nodes" of one process each on this machine, started together
+    with ``env`` plus NODE_RANK; both must exit 0 within 5 minutes."""
+    procs = []
+    for node in (0, 1):
+        procs.append(
+            subprocess.Popen(
+                command(node),
+                cwd=tmp_path,
+                env={**env, "NODE_RANK": str(node), "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    done = []
+    try:
+        for node, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, (
+                f"node {node} exited {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}"
+            )
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
+def train_on_node(tmp_path: Path, node: int) -> list[str]:
+    """The arguments of ``grpo-lab train`` on node ``node`` of 2 (one CPU process each)."""
+    return [
+        "train",
+        "trainer=ddp",
+        "trainer.num_nodes=2",
+        "trainer.devices=1",
+        "trainer.accelerator=cpu",
+        "num_threads=1",
+        *FAST,
+        f"paths.output_dir={tmp_path / f'node{node}'}",  # as on machines of their own
+    ]
+
+
+def assert_one_finished_run(tracking_uri: str, tmp_path: Path, rank0_node: int = 0) -> None:
+    """One MLflow run, FINISHED, with the run's metrics; noted and checkpointed on the node of
+    global rank 0 (``rank0_node``) alone."""
+    client, exp, runs = runs_of(tracking_uri)
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # node 1 made no run of its own
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["trainer.num_nodes"] == "2"
+    for key in ("eval/accuracy_start", "eval/accuracy_final", "reward", "loss"):
+        assert key in run_.data.metrics, key
+    assert [s for s, _ in points_of(client, run_.info.run_id)["rollout"]] == [1, 2]
+    # only the node of global rank 0 notes the run beside its checkpoints and writes them
+    noted = [
+        d for d in (tmp_path / "node0", tmp_path / "node1") if (d / "mlflow_run.json").exists()
+    ]
+    assert noted == [tmp_path / f"node{rank0_node}"]
+    assert json.loads((noted[0] / "mlflow_run.json").read_text())["run_id"] == run_.info.run_id
+    assert (noted[0] / "checkpoints" / "last.ckpt").is_file()
+    assert not list((tmp_path / f"node{1 - rank0_node}").glob("checkpoints/*.ckpt"))
+
+
+@pytest.mark.slow
+def test_two_nodes_under_lightning_s_launcher_log_one_mlflow_run(tmp_path, tracking_uri, cache_dir):
+    """Lightning's own launcher over 2 nodes: the user starts the same command on each node with
+    NODE_RANK and the rendezvous address; node 1's process has no LOCAL_RANK or RANK."""
+    env = {**cli_env(tracking_uri, cache_dir), "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(free_port())
+    for var in ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        env.pop(var, None)
+    procs = run_two_nodes(
+        tmp_path,
+        env,
+        lambda node: [sys.executable, "-m", "grpo_lab.cli", *train_on_node(tmp_path, node)],
+    )
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in procs[1].stdout + procs[1].stderr
+    assert_one_finished_run(tracking_uri, tmp_path)
+
+
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_log_one_mlflow_run(tmp_path, tracking_uri, cache_dir):
+    """torchrun on each of 2 nodes with a c10d rendezvous: it sets RANK, GROUP_RANK and
+    LOCAL_RANK for the process it starts, and the rendezvous decides which node gets rank 0."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = cli_env(tracking_uri, cache_dir)
+    for var in ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    procs = run_two_nodes(
+        tmp_path,
+        env,
+        lambda node: [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node-rank={node}",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            "-m",
+            "grpo_lab.cli",
+            *train_on_node(tmp_path, node),
+        ],
+    )
+    # the node whose process printed the run's summary holds global rank 0
+    (rank0_node,) = [n for n, p in enumerate(procs) if "[grpo-lab] checkpoints:" in p.stdout]
+    assert_one_finished_run(tracking_uri, tmp_path, rank0_node)

@@ -1,7 +1,8 @@
 """Launchers: one GPU per joblib worker (``parallel_gpu``), multi-process jobs inside ``-m``.
 
 No GPU is needed: CUDA_VISIBLE_DEVICES is only read, by CUDA, when a job touches a GPU, so a CPU
-sweep shows which device each job would have had.
+sweep (``trainer.accelerator=cpu``: jobs that ask for no GPU) shows which device each job would
+have had. Jobs that want a GPU are refused on a machine without enough of them.
 """
 
 from __future__ import annotations
@@ -158,6 +159,97 @@ def test_bad_gpu_worker_counts_are_refused_with_what_is_allowed(tmp_path, monkey
     assert not (tmp_path / sweep.GPU_SLOTS_DIR).exists()  # refused before claiming anything
 
 
+def test_more_gpu_workers_than_gpus_are_refused_with_the_count_and_what_to_set(monkeypatch):
+    from grpo_lab.sweep import gpu_workers_error
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_workers_error(2, 0) == (
+        "hydra.launcher.n_jobs=2 is invalid with hydra/launcher=parallel_gpu: "
+        "torch.cuda.device_count() sees 0 GPUs here, and each worker holds one GPU; "
+        "use hydra/launcher=parallel for jobs on the CPU"
+    )
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")
+    assert gpu_workers_error(3, 1) == (
+        "hydra.launcher.n_jobs=3 is invalid with hydra/launcher=parallel_gpu: "
+        "torch.cuda.device_count() sees 1 GPU here (CUDA_VISIBLE_DEVICES=4), and each worker "
+        "holds one GPU; set hydra.launcher.n_jobs=1 (the other jobs wait for a free GPU)"
+    )
+    assert gpu_workers_error(2, 2) is None and gpu_workers_error(1, 8) is None
+
+
+def test_a_parallel_gpu_job_that_sees_no_gpu_refuses_to_train_on_the_cpu():
+    from grpo_lab.sweep import job_gpu_error
+
+    for accelerator in ("auto", "gpu", "cuda"):
+        error = job_gpu_error(accelerator, 0, "3")
+        assert error.startswith(f"trainer.accelerator={accelerator} is invalid here: ")
+        assert "given CUDA_VISIBLE_DEVICES=3 and torch sees no GPU there" in error
+    assert job_gpu_error("auto", 1, "3") is None  # its GPU is there
+    assert job_gpu_error("cpu", 0, "3") is None  # it asked for none
+
+
+def test_a_job_s_gpu_check_reads_the_launcher_and_accelerator_of_its_config(monkeypatch):
+    """``check_job_gpu`` in a job composed as Hydra composes a parallel_gpu job: GPU 99 is not
+    there (on any machine), so the job refuses to train unless it runs on the CPU."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from grpo_lab.config import ConfigError
+    from grpo_lab.paths import config_dir
+    from grpo_lab.sweep import check_job_gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "99")
+
+    def job(*overrides: str):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    try:
+        with pytest.raises(ConfigError, match=r"trainer.accelerator=auto is invalid here"):
+            check_job_gpu(job("hydra/launcher=parallel_gpu"))
+        check_job_gpu(job("hydra/launcher=parallel_gpu", "trainer.accelerator=cpu"))
+        check_job_gpu(job("hydra/launcher=parallel"))  # no GPU was promised
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_jobs_given", [True, False], ids=["n_jobs", "default_n_jobs"])
+def test_a_parallel_gpu_sweep_with_more_workers_than_gpus_is_refused_before_any_job(
+    run_cli, tmp_path, tracking_uri, n_jobs_given
+):
+    import torch
+
+    n_gpus = torch.cuda.device_count()  # 0 here; the test holds on a GPU machine too
+    n_jobs = n_gpus + 1 if n_jobs_given else 2  # parallel.yaml's default
+    if not n_jobs_given and n_gpus >= 2:
+        pytest.skip("the default of 2 workers fits the GPUs of this machine")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc = run_cli(
+        "train",
+        "-m",
+        "hydra/launcher=parallel_gpu",
+        *([f"hydra.launcher.n_jobs={n_jobs}"] if n_jobs_given else []),
+        "seed=0,1,2",
+        *FAST,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    gpus = f"{n_gpus} GPU" + ("" if n_gpus == 1 else "s")
+    assert proc.stderr.startswith(
+        f"grpo-lab: hydra.launcher.n_jobs={n_jobs} is invalid with hydra/launcher=parallel_gpu: "
+        f"torch.cuda.device_count() sees {gpus} here, and each worker holds one GPU; "
+    ), proc.stderr[-3000:]
+    # refused before the sweep: no sweep folder, no MLflow experiment, nothing trained
+    assert not (tmp_path / "multirun").exists()
+    from mlflow import MlflowClient
+
+    assert MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name("grpo_lab") is None
+
+
 @pytest.mark.slow
 def test_parallel_gpu_sweep_never_runs_two_jobs_on_one_gpu(run_cli, tracking_uri):
     """A real joblib sweep: 2 workers, 4 jobs dispatched in batches of 2 (first jobs 0 and 2)."""
@@ -169,6 +261,7 @@ def test_parallel_gpu_sweep_never_runs_two_jobs_on_one_gpu(run_cli, tracking_uri
         "hydra.launcher.n_jobs=2",
         "hydra.launcher.batch_size=2",
         "seed=0,1,2,3",
+        "trainer.accelerator=cpu",  # on this machine's CPU: the slots still spread the jobs
         "num_threads=1",
         *FAST,
         env={**env, "OMP_NUM_THREADS": "1"},

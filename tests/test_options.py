@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from grpo_lab import objective
 from grpo_lab.config import ConfigError
 from grpo_lab.data import TaskDataModule
-from grpo_lab.grpo.rollout import prompt_seed
+from grpo_lab.grpo.rollout import DynamicSampling, prompt_seed
 from grpo_lab.grpo.step import Algorithm
 from grpo_lab.grpo.types import Rollout, select_rows
 from grpo_lab.module import GRPOModule
@@ -606,6 +606,34 @@ def test_a_resumed_run_continues_the_replacement_prompt_stream():
     resumed = make_module("kl=none", "train.dynamic_sampling=true")
     resumed.on_load_checkpoint(checkpoint)
     assert [ex.prompt for ex in fresh_prompts(resumed, 3)] == expected
+
+
+def test_each_rank_resumes_its_own_replacement_prompt_stream():
+    task = ArithmeticTask(max_operand=9, eval_size=20, seed=0)
+
+    def stream(rank: int) -> DynamicSampling:
+        s = DynamicSampling(enabled=True, max_tries=4, seed=0)
+        s.rank = rank
+        return s
+
+    def prompts(s: DynamicSampling) -> list[str]:
+        return [ex.prompt for ex in s.fresh_prompts(task, 3)]
+
+    ranks = [stream(0), stream(1)]
+    first = [prompts(s) for s in ranks]
+    saved = [s.state_dict() for s in ranks]  # what a 2-rank checkpoint holds, rank by rank
+    expected = [prompts(s) for s in ranks]
+    assert expected[0] != expected[1]
+    for rank in (1, 0):
+        resumed = stream(rank)
+        resumed.load_state_dict(saved, rollouts_done=1)
+        assert prompts(resumed) == expected[rank], rank
+    # A checkpoint with rank 0's stream alone (as written before every rank's was kept): rank 1
+    # starts a stream of its own, replaying neither rank 0's nor its own first prompts.
+    old = stream(1)
+    old.load_state_dict([saved[0]], rollouts_done=1)
+    drawn = prompts(old)
+    assert drawn not in (expected[0], expected[1], first[1])
 
 
 def nan_gradient_on(param: torch.nn.Parameter):

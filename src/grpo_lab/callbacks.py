@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
+from grpo_lab import distributed
+
 
 def rng_states() -> dict[str, Any]:
     """torch's (CPU and every CUDA device), numpy's and Python's global RNG states.
@@ -48,30 +50,69 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
 
 
-class RNGStates(L.Callback):
-    """Keeps the global RNG states in every checkpoint and restores them in a resumed run, so
-    rollout N+1 draws the samples (and mini-batch orders) an uninterrupted run draws.
+def saved_states_of_rank(saved: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """Rank ``rank``'s RNG states in what ``RNGStates.state_dict`` saved, or None if it holds
+    none for that rank (a checkpoint of fewer ranks, or of rank 0 only).
 
-    Lightning restores the loop counters and the optimizer, not the RNG states. They are
-    restored at the first training batch, not when the checkpoint loads, so nothing that runs in
-    between (setup, the loaders starting) can move them.
+    Checkpoints written before per-rank states hold rank 0's states alone, at the top level.
+    """
+    if "ranks" not in saved:
+        return saved if rank == 0 else None
+    ranks = saved["ranks"]
+    return ranks[rank] if rank < len(ranks) else None
+
+
+class RNGStates(L.Callback):
+    """The global RNG states (torch, CUDA, numpy, Python) each rank trains from, kept in every
+    checkpoint for every rank, so rollout N+1 of a resumed run draws the samples (and mini-batch
+    orders) of an uninterrupted run on every rank.
+
+    - Fresh start: every rank comes from ``seed_everything(seed)``; ranks r > 0 reseed with
+      ``rank_seed(seed, r)``, or all ranks would sample the same completions for a prompt. Rank 0
+      keeps its stream, so a one-process run samples as it always did.
+    - Checkpoint: each rank's states, gathered to every rank (``state_dict`` runs on all ranks;
+      rank 0 writes the file).
+    - Resume: each rank restores its own states.
+    - A rank the checkpoint has no states for reseeds with ``rank_seed(seed, r, global_step)``
+      so it does not replay its first samples. That is every rank r > 0 of a checkpoint written
+      before per-rank states (which held rank 0's only): such a resume stays exact on rank 0
+      only, as it was when it was written.
+
+    Lightning restores the loop counters and the optimizer, not the RNG states. They are set at
+    the first training batch, not when the checkpoint loads, so nothing that runs in between
+    (setup, the loaders starting) can move them.
     """
 
-    def __init__(self) -> None:
-        self._to_restore: dict[str, Any] | None = None
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._saved: dict[str, Any] | None = None
+        self._pending = True
 
     def state_dict(self) -> dict[str, Any]:
-        return rng_states()
+        return {"ranks": distributed.gather_objects(rng_states())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._to_restore = state_dict
+        self._saved = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = True
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._to_restore is not None:
-            set_rng_states(self._to_restore)
-            self._to_restore = None
+        if not self._pending:
+            return
+        self._pending = False
+        rank = trainer.global_rank
+        own = saved_states_of_rank(self._saved, rank) if self._saved is not None else None
+        self._saved = None
+        if own is not None:
+            set_rng_states(own)
+        elif rank > 0:
+            seed = distributed.rank_seed(self.seed, rank, trainer.global_step)
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
 
 
 class RolloutCheckpoint(ModelCheckpoint):
@@ -87,7 +128,10 @@ class RolloutCheckpoint(ModelCheckpoint):
         if not self.save_last or self.dirpath is None:
             return
         last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        if self._last_global_step_saved != trainer.global_step or not last.is_file():
+        stale = self._last_global_step_saved != trainer.global_step or not last.is_file()
+        # rank 0's view decides: every rank takes part in a save (RNGStates gathers each rank's
+        # states), and another node may not see rank 0's file
+        if trainer.strategy.broadcast(stale):
             trainer.save_checkpoint(last)
             self.last_model_path = str(last)
 

@@ -187,6 +187,7 @@ RULES: dict[str, Rule | Bound] = {
         lambda v: (_is_int(v) and (v >= 1 or v == -1)) or isinstance(v, str) or _is_list(v),
         "an integer >= 1, -1 (all), auto, or a list of device indices",
     ),
+    "trainer.num_nodes": _int(ge=1),
     "trainer.max_steps": _int(ge=1, nullable=True, why="null = derived from train.rollouts"),
     "trainer.max_epochs": _int(ge=1, nullable=True, special=(-1,), why="-1 = no limit"),
     "trainer.log_every_n_steps": _int(ge=1),
@@ -428,6 +429,53 @@ def rule_errors(cfg: Mapping, skip: set[str] | frozenset[str] = frozenset()) -> 
     return errors
 
 
+# AdamW on float16 weights: its eps=1e-8 is 0 in float16 (the smallest float16 is 6e-8), the
+# second moment of small gradients underflows to 0 as well, and the update m / (sqrt(v) + eps)
+# becomes inf or NaN. Reproduced on the CPU: the GRPO loss is NaN at rollout 2 with either
+# policy.model_impl. Mixed precision keeps float32 weights (and Adam's state) and is fine, and so
+# are LoRA adapters, which peft keeps in float32 on a float16 model.
+FLOAT16_WHY = (
+    "AdamW on float16 weights turns the loss NaN within a few rollouts (its eps=1e-8 is 0 in "
+    "float16 and its updates overflow)"
+)
+FLOAT16_INSTEAD = (
+    "use policy.dtype=float32 with trainer.precision=16-mixed on a GPU (float32 weights, "
+    "float16 compute), or policy.dtype=bfloat16 (or trainer.precision=bf16-mixed)"
+)
+
+
+def float16_training_errors(cfg: Mapping) -> list[str]:
+    """A training config (``grpo-lab train`` and ``sft``) that would train float16 weights.
+
+    ``grpo-lab eval`` trains nothing (its config has no ``train``): float16 is fine there. LoRA
+    trains float32 adapters on a float16 model, but the SFT warm start trains the whole model.
+    """
+    if not _get(cfg, "train")[0]:
+        return []
+    errors = []
+    if _get(cfg, "policy.dtype")[1] == "float16":
+        lora = _get(cfg, "policy.lora.enabled")[1] is True
+        sft = _get(cfg, "sft.enabled")[1] is True and bool(_get(cfg, "sft.steps")[1])
+        if not lora:
+            errors.append(
+                f"policy.dtype=float16 is invalid for training: {FLOAT16_WHY}; "
+                f"{FLOAT16_INSTEAD}. (grpo-lab eval takes policy.dtype=float16, and so does "
+                "training LoRA adapters, policy.lora.enabled=true, without the SFT warm start)"
+            )
+        elif sft:
+            errors.append(
+                "policy.dtype=float16 with sft.enabled=true is invalid: the SFT warm start "
+                f"trains the whole model, not the LoRA adapters, and {FLOAT16_WHY}; set "
+                f"sft.enabled=false, or {FLOAT16_INSTEAD}"
+            )
+    if str(_get(cfg, "trainer.precision")[1]) == "16-true":
+        errors.append(
+            "trainer.precision=16-true is invalid for training: it casts the weights to "
+            f"float16, and {FLOAT16_WHY}; {FLOAT16_INSTEAD}"
+        )
+    return errors
+
+
 def cross_errors(cfg: Mapping) -> list[str]:
     """Checks that involve two keys, each already valid on its own."""
     errors = []
@@ -489,6 +537,7 @@ def cross_errors(cfg: Mapping) -> list[str]:
                 f"reward.functions.overlong.cache={cache} is invalid: it must be <= max_len "
                 f"(L_max = {max_len})"
             )
+    errors += float16_training_errors(cfg)
     for key in ("ckpt_path", "ckpt"):
         path = value(key)
         if isinstance(path, str) and path and not Path(path).is_file():

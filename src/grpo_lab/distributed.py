@@ -5,21 +5,23 @@ needs on top, each a small function over ``torch.distributed`` that is the ident
 single process:
 
 - Each rank samples its own completions: ``rank_seed`` gives rank r > 0 a seed of its own,
-  derived from (seed, rank); ``RankSeed`` applies it at the first training batch. A prompt's G
-  completions are sampled on one rank, so group advantages need no communication.
+  derived from (seed, rank); ``callbacks.RNGStates`` applies it at the first training batch, and
+  keeps every rank's RNG states in the checkpoint (``gather_objects``), so a resume is exact on
+  every rank. A prompt's G completions are sampled on one rank, so group advantages need no
+  communication.
 - ``loss=token_mean`` divides by the token count of the whole step, over all ranks
   (``token_mean_denominator``), not by each rank's own count.
 - Per-rollout metrics are means over ranks (``mean_over_ranks``); eval counts are summed over
   ranks (``sum_over_ranks``) over disjoint shards of the eval prompts (``EvalShard``).
-- ``launched_rank``: which process this is, before any process group exists, so that only
-  rank 0 creates the MLflow run.
+- ``launched_rank``: which process this is, before any process group exists, whatever launched
+  it (torchrun, Lightning on several nodes, Slurm), so that only rank 0 creates the MLflow run.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterator, Sized
+import os
+from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import lightning as L
@@ -37,17 +39,53 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def launched_rank() -> int:
-    """The global rank Lightning launched this process as (0 for the process the user started).
+def launched_rank(env: Mapping[str, str] | None = None, devices_per_node: int = 1) -> int:
+    """The global rank this process was launched as, from the variables its launcher set
+    (``env``: ``os.environ`` by default): 0 for the one process of the job that creates the
+    MLflow run. Known before any process group exists. The first launcher that left its mark
+    decides:
 
-    Lightning's launcher sets LOCAL_RANK/NODE_RANK in the environment of the processes it starts
-    (torchrun sets RANK, SLURM SLURM_PROCID); Lightning's ``rank_zero_only`` reads them when it
-    is imported, and ``MLFlowLogger`` creates a run only where that rank is 0. Known before any
-    process group exists.
+    - torchrun: RANK (beside GROUP_RANK and LOCAL_RANK).
+    - Lightning's own launcher: NODE_RANK (or GROUP_RANK, or Slurm's SLURM_NODEID) times
+      ``devices_per_node``, plus LOCAL_RANK (or SLURM_LOCALID), each 0 where unset. On node n
+      of a multi-node job the user starts the command with NODE_RANK=n and no LOCAL_RANK; the
+      ranks Lightning starts beside it get LOCAL_RANK=1, 2, ... Lightning's vars come before
+      Slurm's: Lightning's launcher also runs inside Slurm allocations that do not start its
+      ranks, where SLURM_PROCID is the allocation's task, not the rank.
+    - Slurm starting every rank (srun): SLURM_PROCID. LSF (jsrun): JSM_NAMESPACE_RANK.
+
+    Whether the rank is 0 does not depend on ``devices_per_node``; only the number does.
+    Lightning's ``rank_zero_only`` reads RANK, LOCAL_RANK, SLURM_PROCID and JSM_NAMESPACE_RANK
+    only, so without ``adopt_launched_rank`` node 1's first process believes it is rank 0.
+    """
+    env = os.environ if env is None else env
+
+    def first(*keys: str) -> int | None:
+        return next((int(env[k]) for k in keys if env.get(k, "") != ""), None)
+
+    rank = first("RANK")
+    if rank is not None:
+        return rank
+    if first("NODE_RANK", "GROUP_RANK", "LOCAL_RANK") is not None:
+        node = first("NODE_RANK", "GROUP_RANK", "SLURM_NODEID") or 0
+        return node * devices_per_node + (first("LOCAL_RANK", "SLURM_LOCALID") or 0)
+    return first("SLURM_PROCID", "JSM_NAMESPACE_RANK") or 0
+
+
+def adopt_launched_rank() -> int:
+    """Set Lightning's ``rank_zero_only.rank`` to ``launched_rank()`` and return it.
+
+    MLFlowLogger creates its run, logs params and metrics only where ``rank_zero_only.rank`` is
+    0, and Lightning sets that from the environment at import, without NODE_RANK: node 1's first
+    process would make a second MLflow run before the process group exists. The strategy sets
+    the rank again when the group starts; only the number of a rank > 0 may change then.
     """
     from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
-    return int(getattr(rank_zero_only, "rank", 0))
+    rank = launched_rank()
+    rank_zero_only.rank = utils_rank_zero_only.rank = rank  # as Lightning's DDP strategy does
+    return rank
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -60,34 +98,15 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
 
 
-class RankSeed(L.Callback):
-    """Reseeds torch, numpy and random on ranks > 0 at their first training batch.
-
-    Every rank starts from the same ``seed`` (``seed_everything``), so without this all ranks
-    sample the same completions for the same prompt. Rank 0 keeps its stream, so one-process
-    runs are unchanged. It acts at the first batch, and
-    must come after any callback that restores RNG states from a checkpoint at that point: a
-    checkpoint holds one rank's states, which the other ranks must not replay.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._pending = True
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._pending = True
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if not self._pending:
-            return
-        self._pending = False
-        if trainer.world_size > 1 and trainer.global_rank > 0:
-            s = rank_seed(self.seed, trainer.global_rank, trainer.global_step)
-            torch.manual_seed(s)
-            np.random.seed(s)
-            random.seed(s)
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (``[value]`` in one process). Every rank must call
+    this at the same point; the values are pickled, so CPU tensors and plain objects only."""
+    size = world()[1]
+    if size == 1:
+        return [value]
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def sum_over_ranks(values: Tensor) -> Tensor:
@@ -116,12 +135,9 @@ def token_mean_denominator(local_tokens: Tensor) -> float:
 def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     """Per-step metrics of all ranks combined (``combine_rank_metrics``). Every rank must call
     this at the same point; one process gets its own metrics back."""
-    size = world()[1]
-    if size == 1:
+    if world()[1] == 1:
         return dict(metrics)
-    gathered: list[dict[str, float]] = [{}] * size
-    dist.all_gather_object(gathered, dict(metrics))
-    return combine_rank_metrics(gathered)
+    return combine_rank_metrics(gather_objects(dict(metrics)))
 
 
 def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -151,7 +151,7 @@ def exit_interrupted(signum: int, message: str, then: Callable[[], None] | None 
 class StopOnSignal(L.Callback):
     """A stop or preemption signal during ``fit``: finish the current optimizer step, then stop.
 
-    The handler only sets ``trainer.should_stop``; the loop ends after the current batch and
+    The handler only asks for ``trainer.should_stop``; the loop ends after the current batch and
     ``train`` saves the checkpoint. It replaces, for the length of the training loop, the handlers
     Lightning installs (its SIGTERM handler would raise ``SIGTERMException`` and mark the run
     FAILED; its SLURM SIGUSR1 handler would save an ``hpc_ckpt`` that bypasses ``resume=auto``).
@@ -188,7 +188,11 @@ class StopOnSignal(L.Callback):
                 return
             self.signum, self._first_at = signum, time.monotonic()
             self.chained = self._previous.get(signum)
-            trainer.should_stop = True
+            # Under DDP only on_train_batch_end may stop the loop, with every rank's say: set
+            # here, between that decision and the loop's check (during a checkpoint save, say),
+            # this rank alone would leave the loop and the others wait for it forever.
+            if trainer.world_size == 1:
+                trainer.should_stop = True
             log.warning(
                 "%s received: stopping after the current step, then saving a checkpoint",
                 signal.Signals(signum).name,

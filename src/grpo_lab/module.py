@@ -27,7 +27,7 @@ from grpo_lab.grpo.schedule import lr_factor
 from grpo_lab.grpo.step import Algorithm
 from grpo_lab.grpo.types import Rollout
 from grpo_lab.policy import native
-from grpo_lab.policy.build import Policy, reference_policy
+from grpo_lab.policy.build import Policy, check_trainable_dtype, reference_policy
 from grpo_lab.rewards.combine import RewardSet
 from grpo_lab.sampling.base import Completions, Sampler
 from grpo_lab.tasks.base import Example, Task
@@ -59,6 +59,7 @@ class GRPOModule(L.LightningModule):
         self.algo = Algorithm.from_config(cfg)
         self.train_cfg = OmegaConf.create(OmegaConf.to_container(cfg.train, resolve=True))
         self.policy = policy.model
+        check_trainable_dtype(self.policy, cfg.policy.get("dtype"))
         # Dropout off for good (as TRL's disable_dropout): pi_old, pi_theta and pi_ref must be
         # the same function of the weights, or the ratio is not 1 at the first inner step.
         self.policy.eval()
@@ -114,15 +115,20 @@ class GRPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["grpo_rollouts_done"] = self.rollouts_done
         checkpoint["grpo_skipped_steps_total"] = self.skips.total
-        checkpoint["grpo_prompt_generator"] = self.dynamic_sampling.state_dict()
+        # every rank's dynamic-sampling stream (this hook runs on every rank; rank 0 writes)
+        checkpoint["grpo_prompt_generators"] = distributed.gather_objects(
+            self.dynamic_sampling.state_dict()
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rollouts_done = checkpoint.get("grpo_rollouts_done", 0)
         self.skips.total = checkpoint.get("grpo_skipped_steps_total", 0)
         self.dynamic_sampling.rank = self.global_rank
-        self.dynamic_sampling.load_state_dict(
-            checkpoint.get("grpo_prompt_generator"), self.rollouts_done
-        )
+        # older checkpoints hold rank 0's stream alone, under the singular key
+        saved = checkpoint.get("grpo_prompt_generators") or [
+            checkpoint.get("grpo_prompt_generator")
+        ]
+        self.dynamic_sampling.load_state_dict(saved, self.rollouts_done)
 
     # ------------------------------------------------------------------ the GRPO step
 

@@ -195,6 +195,7 @@ def train(cfg: DictConfig) -> float:
     finished jobs).
     """
     validate(cfg)
+    sweep.check_job_gpu(cfg)  # hydra/launcher=parallel_gpu: a job given a GPU has one
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(
@@ -202,7 +203,9 @@ def train(cfg: DictConfig) -> float:
         )
     out = output_dir(cfg)
     faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
-    rank0 = distributed.launched_rank() == 0
+    # Only global rank 0 locks the dir and makes and writes the MLflow run; Lightning learns which
+    # one that is (its rank_zero_only) only when the process group starts, after the run exists.
+    rank0 = distributed.adopt_launched_rank() == 0
     lock = locks.OwnerLock(out / locks.RUN_LOCK, "output dir", "paths.output_dir", out)
     if rank0:  # the other ranks of a DDP run write through rank 0
         lock.acquire()
@@ -236,7 +239,8 @@ def _train_in(cfg: DictConfig, out: Path, rank0: bool) -> float:
     try:
         # Until the training loop takes over (StopOnSignal), a signal stops the run at once.
         with faults.signal_handlers(faults.raise_interrupted):
-            tracking.log_config(logger, cfg, run.data.params if run is not None else None)
+            if rank0:
+                tracking.log_config(logger, cfg, run.data.params if run is not None else None)
             if run is None and rank0:
                 # params hold "auto"; the tag says what it resolved to for this run
                 shared = Batching.from_config(cfg).shared
@@ -293,7 +297,7 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     rewards = build_rewards(cfg)
     sampler = instantiate(cfg.sampler)
     policy, sft_path = build_policy(cfg, task)
-    if sft_path is not None:
+    if sft_path is not None and distributed.launched_rank() == 0:
         logger.experiment.set_tag(logger.run_id, "grpo_lab.sft_warm_start", str(sft_path))
     warn_on_inert_settings(cfg)
     module = build_module(cfg, policy=policy, task=task, rewards=rewards, sampler=sampler)
@@ -313,9 +317,8 @@ def _fit(cfg: DictConfig, logger: MLFlowLogger, out: Path, ckpt_path: str | None
     max_steps = cfg.trainer.get("max_steps") or optimizer_steps(cfg)
     callbacks = [
         checkpoint,
-        RNGStates(),
+        RNGStates(cfg.seed),
         tracking.CompletionTable(cfg.train.log_samples_every, cfg.train.num_samples_logged),
-        distributed.RankSeed(cfg.seed),  # after RNGStates: both act at the first batch
         stop,
     ]
     if cfg.trainer.get("enable_progress_bar", True):

@@ -21,8 +21,9 @@ class DynamicSampling:
     """DAPO's dynamic sampling (arXiv 2503.14476): replace zero-variance groups by groups of fresh
     training prompts until none is left or ``max_tries`` samplings are done.
 
-    The fresh prompts come from this process's own stream, seeded by (seed, rank), and its state
-    goes into the checkpoint, so a resumed run draws what an uninterrupted one would have.
+    The fresh prompts come from this process's own stream, seeded by (seed, rank). Every rank's
+    stream goes into the checkpoint, so a resumed run draws on each rank what an uninterrupted
+    one would have.
     """
 
     def __init__(self, enabled: bool, max_tries: int, seed: int) -> None:
@@ -46,13 +47,16 @@ class DynamicSampling:
     def state_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "state": self.generator().get_state()}
 
-    def load_state_dict(self, saved: dict[str, Any] | None, rollouts_done: int) -> None:
+    def load_state_dict(self, saved: list[dict[str, Any]], rollouts_done: int) -> None:
+        """Continue this rank's stream from ``saved``, the ``state_dict`` of each rank that
+        wrote one. Checkpoints written before every rank's stream was saved hold rank 0's only:
+        a rank without a saved stream starts one of its own that depends on how far the run
+        got, so it does not replay its first prompts."""
         self._gen = torch.Generator()
-        if saved is not None and saved["rank"] == self.rank:
-            self._gen.set_state(saved["state"])
+        own = [s["state"] for s in saved if s is not None and s["rank"] == self.rank]
+        if own:
+            self._gen.set_state(own[0])
         else:
-            # Only one rank writes the checkpoint: the others start a stream of their own that
-            # depends on how far the run got, so they do not replay their first prompts.
             self._gen.manual_seed(prompt_seed(self.seed, self.rank, rollouts_done))
 
 

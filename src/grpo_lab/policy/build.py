@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from grpo_lab.config import FLOAT16_INSTEAD, FLOAT16_WHY, ConfigError
 from grpo_lab.policy.lora import apply_lora
 from grpo_lab.policy.tokenizer import char_tokenizer
 
@@ -158,6 +159,17 @@ def load_pretrained(
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     policy = Policy(model=model, tokenizer=_prepare_tokenizer(tokenizer))
     return _finish(policy, lora, use_chat_template, model_impl)
+
+
+def check_trainable_dtype(model: nn.Module, dtype_setting: Any) -> None:
+    """Refuse float16 trainable weights (``config.float16_training_errors`` says why). The config
+    check catches ``policy.dtype=float16``; this catches the weights ``policy.dtype=auto`` loads
+    from a float16 checkpoint (or a custom policy builds)."""
+    if any(p.requires_grad and p.dtype == torch.float16 for p in model.parameters()):
+        raise ConfigError(
+            f"invalid config:\n  policy.dtype={dtype_setting} gave the policy float16 weights, "
+            f"which cannot be trained: {FLOAT16_WHY}; {FLOAT16_INSTEAD}"
+        )
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -7,7 +7,8 @@ package adds what they lack, one concern a module:
   (``pip install 'grpo-lab[sweep]'``) and expands ``seeds=3`` into ``seed=0,1,2``.
 - ``gpu_slots``: ``grpo_lab_device``, the resolver ``hydra/launcher=parallel_gpu`` sets
   CUDA_VISIBLE_DEVICES with: each joblib worker holds one GPU slot, a lock file in the sweep
-  dir, for its life. Importing this package registers it.
+  dir, for its life. Importing this package registers it. More workers than GPUs are refused
+  before the sweep, and a job given a GPU that is not there refuses to train (``check_job_gpu``).
 - ``job_dirs``: ``grpo_lab_job_dir``, the resolver that names a grid sweep's job folders by
   their swept values (``G-4+beta-0+seed-0``), so a sweep run again finds each job by its
   values. Importing this package registers it.
@@ -36,8 +37,12 @@ from grpo_lab.sweep.gpu_slots import (
     GPU_SLOTS_DIR,
     _device_for_worker,
     allow_spawn_in_worker,
+    check_job_gpu,
     claim_gpu_slot,
+    gpu_workers_error,
+    job_gpu_error,
     sweep_dir_of_job,
+    visible_gpu_count,
 )
 from grpo_lab.sweep.job_dirs import job_dir_name
 from grpo_lab.sweep.naming import (
@@ -77,10 +82,13 @@ __all__ = [
     "_device_for_worker",
     "allow_spawn_in_worker",
     "check_gpu_workers",
+    "check_job_gpu",
     "check_plugins",
     "claim_gpu_slot",
     "expand_seeds",
+    "gpu_workers_error",
     "job_dir_name",
+    "job_gpu_error",
     "job_tags",
     "prepare_argv",
     "read_run_file",
@@ -93,5 +101,6 @@ __all__ = [
     "sweep_stopping",
     "swept_keys",
     "sweep_dir_of_job",
+    "visible_gpu_count",
     "write_run_file",
 ]

@@ -1,13 +1,14 @@
 """The sweep options on ``grpo-lab train``'s command line, checked and rewritten before Hydra.
 
 ``prepare_argv`` names the missing plugin package (``pip install 'grpo-lab[sweep]'``), refuses
-a GPU worker count that cannot work, and expands ``seeds=3`` into ``seed=0,1,2``.
+a GPU worker count that cannot work (more parallel_gpu workers than GPUs among them), and expands ``seeds=3`` into ``seed=0,1,2``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 
+from grpo_lab.sweep.gpu_slots import gpu_workers_error, visible_gpu_count
 from grpo_lab.sweep.naming import split_override
 
 # Config choices that need a plugin package, and the package's module.
@@ -71,16 +72,32 @@ def expand_seeds(argv: list[str]) -> list[str]:
 
 
 def check_gpu_workers(argv: list[str]) -> None:
-    """``parallel_gpu`` runs one worker per GPU: ``hydra.launcher.n_jobs`` must be a count >= 1."""
+    """``parallel_gpu`` runs one worker per GPU: ``hydra.launcher.n_jobs`` must be a count >= 1,
+    and, for jobs that want a GPU (any ``trainer.accelerator`` but cpu), at most the GPUs there
+    are (``gpu_slots.gpu_workers_error``)."""
     values = dict(split_override(a) for a in argv)
-    if values.get("hydra/launcher") != "parallel_gpu" or "hydra.launcher.n_jobs" not in values:
+    if values.get("hydra/launcher") != "parallel_gpu":
         return
-    n_jobs = values["hydra.launcher.n_jobs"]
+    n_jobs = values.get("hydra.launcher.n_jobs", str(default_workers()))
     if not n_jobs.isdigit() or int(n_jobs) < 1:
         raise SweepArgumentError(
             f"hydra.launcher.n_jobs={n_jobs} is invalid with hydra/launcher=parallel_gpu: expected "
             "the number of GPUs, an integer >= 1 (each worker holds one GPU)"
         )
+    if values.get("trainer.accelerator") == "cpu" or values.get("trainer") == "cpu":
+        return  # jobs that ask for no GPU: the slots only spread them
+    error = gpu_workers_error(int(n_jobs), visible_gpu_count())
+    if error is not None:
+        raise SweepArgumentError(error)
+
+
+def default_workers() -> int:
+    """``hydra.launcher.n_jobs`` of the joblib launchers when the command line gives none."""
+    from omegaconf import OmegaConf
+
+    from grpo_lab.paths import config_dir
+
+    return int(OmegaConf.load(config_dir() / "hydra" / "launcher" / "parallel.yaml").n_jobs)
 
 
 def prepare_argv(argv: list[str]) -> list[str]:

@@ -75,6 +75,10 @@ def _device_for_worker(job_output_dir: Any, job_subdir: Any, n_gpus: Any) -> str
     per process. Job numbers cannot serve: a worker's first job can be any job (joblib batches,
     a replaced worker), so two running workers could get the same GPU. Slot i is GPU i, or the
     i-th entry of the CUDA_VISIBLE_DEVICES the sweep was started with.
+
+    It does not count the GPUs (that could initialise CUDA before the variable is set): the CLI
+    refuses more workers than GPUs before the sweep starts (``gpu_workers_error``), and a job
+    that finds no GPU behind its slot refuses to train (``check_job_gpu``).
     """
     if _GPU_SLOT.get("pid") == os.getpid():
         return _GPU_SLOT["device"]
@@ -98,6 +102,78 @@ def _device_for_worker(job_output_dir: Any, job_subdir: Any, n_gpus: Any) -> str
     _GPU_SLOT.update(pid=os.getpid(), device=device, lock=lock)
     log.info("GPU slot %d of %d: CUDA_VISIBLE_DEVICES=%s (pid %d)", slot, n, device, os.getpid())
     return device
+
+
+def visible_gpu_count() -> int:
+    """The GPUs this process sees, CUDA_VISIBLE_DEVICES applied (0 without CUDA).
+
+    ``torch.cuda.device_count()`` counts through NVML where it can, without initialising CUDA.
+    Even where it cannot, it runs in the sweep's own process (the CLI, before Hydra), which
+    trains nothing: its joblib workers are fresh processes that set their own
+    CUDA_VISIBLE_DEVICES before CUDA first reads it. A worker must not count before that
+    (``_device_for_worker``): CUDA would then keep the devices it saw first.
+    """
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def gpu_workers_error(n_jobs: int, n_gpus: int) -> str | None:
+    """Why ``n_jobs`` parallel_gpu workers cannot run on ``n_gpus`` GPUs, or None if they can.
+
+    A worker beyond the GPUs would get a CUDA_VISIBLE_DEVICES with no GPU behind it, and its
+    jobs, on ``trainer.accelerator=auto``, would train on the CPU without a word.
+    """
+    if n_jobs <= n_gpus:
+        return None
+    fix = (
+        f"set hydra.launcher.n_jobs={n_gpus} (the other jobs wait for a free GPU)"
+        if n_gpus
+        else "use hydra/launcher=parallel for jobs on the CPU"
+    )
+    gpus = f"{n_gpus} GPU" + ("" if n_gpus == 1 else "s")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    among = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    return (
+        f"hydra.launcher.n_jobs={n_jobs} is invalid with hydra/launcher=parallel_gpu: "
+        f"torch.cuda.device_count() sees {gpus} here{among}, and each worker holds one GPU; "
+        f"{fix}"
+    )
+
+
+def job_gpu_error(accelerator: str, n_gpus: int, visible: str | None) -> str | None:
+    """Why a parallel_gpu job that sees ``n_gpus`` GPUs must not train, or None.
+
+    A job on ``trainer.accelerator`` auto, gpu or cuda was given a GPU; one that sees none (its
+    CUDA_VISIBLE_DEVICES, ``visible``, names a device that is not there) would train on the CPU
+    (Lightning's auto) or fail deep inside Lightning (gpu). ``trainer.accelerator=cpu`` asks
+    for no GPU, and the slots only spread its jobs.
+    """
+    if accelerator == "cpu" or n_gpus > 0:
+        return None
+    return (
+        f"trainer.accelerator={accelerator} is invalid here: this hydra/launcher=parallel_gpu "
+        f"job was given CUDA_VISIBLE_DEVICES={visible} and torch sees no GPU there, so it would "
+        "train on the CPU; give hydra.launcher.n_jobs at most the number of GPUs, or "
+        "trainer.accelerator=cpu for jobs on the CPU"
+    )
+
+
+def check_job_gpu(cfg: Any) -> None:
+    """Raise a ConfigError (``job_gpu_error``) in a parallel_gpu job that has no GPU to use."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    if HydraConfig.get().runtime.choices.get("hydra/launcher") != "parallel_gpu":
+        return
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    n_gpus = visible_gpu_count() if accelerator != "cpu" else 0
+    error = job_gpu_error(accelerator, n_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if error is not None:
+        from grpo_lab.config import ConfigError
+
+        raise ConfigError(f"invalid config:\n  {error}")
 
 
 if not OmegaConf.has_resolver("grpo_lab_device"):
