@@ -361,3 +361,33 @@ def test_a_sweep_of_two_process_jobs_killed_once_ends_as_the_undisturbed_sweep(
                 )
     resumed = next(r for r in jobs if r.info.run_name == "seed=0")
     assert "grpo_lab.resumed_from" in resumed.data.tags
+
+
+@pytest.mark.slow
+def test_a_refused_rerun_of_a_sweep_leaves_the_finished_run_as_it_was(
+    run_cli, tmp_path, tracking_uri
+):
+    """A sweep run again with a key a resume may not change: each job is refused and recorded
+    FAILED on a run of its own; the FINISHED run in the job's folder keeps its status, and the
+    command as it was finishes the sweep again with one run per job."""
+    args = ["train", "-m", "seed=0", *FAST, "resume=auto", f"hydra.sweep.dir={tmp_path / 'abl'}"]
+    run_cli(*args)
+    client = MlflowClient(tracking_uri)
+    (parent,), (job,) = sweep_runs(client, tmp_path / "abl")
+    changed = [a.replace("task.eval_size=20", "task.eval_size=10") for a in args]
+    assert changed != args
+    refused = run_cli(*changed)
+    assert "task.eval_size=10 is invalid on resume" in refused.stdout + refused.stderr
+    kept = client.get_run(job.info.run_id)
+    assert kept.info.status == "FINISHED" and "grpo_lab.error" not in kept.data.tags
+    (parent,), jobs = sweep_runs(client, tmp_path / "abl")
+    assert parent.info.status == "FAILED"
+    (record,) = [r for r in jobs if r.info.run_id != job.info.run_id]
+    assert (
+        record.info.status == "FAILED" and "task.eval_size=10" in record.data.tags["grpo_lab.error"]
+    )
+
+    run_cli(*args)
+    (parent,), jobs = sweep_runs(client, tmp_path / "abl")
+    assert parent.info.status == "FINISHED"
+    assert [(r.info.run_id, r.info.status) for r in jobs] == [(job.info.run_id, "FINISHED")]

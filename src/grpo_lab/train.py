@@ -181,6 +181,7 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
         sweep.write_run_file(
             output_dir(cfg), logger.run_id, logger.experiment_id, lcfg.tracking_uri
         )
+        sweep.note_started_run(logger.run_id)  # a failure from here on is this run's
     return logger
 
 

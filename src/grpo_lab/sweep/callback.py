@@ -35,13 +35,18 @@ from grpo_lab.sweep.run_files import (
     PID_TAG,
     STOPPING_FILE,
     SWEEP_FILE,
+    note_started_run,
     read_run_file,
     read_sweep_file,
     record_failure,
+    started_run,
     write_atomically,
 )
 
 log = logging.getLogger(__name__)
+
+# on the FAILED run that records a job which failed before it had a run of its own
+FAILED_BEFORE_RUN_TAG = "grpo_lab.failed_before_run"
 
 _WATCH: dict[str, Any] = {}  # the sweep's signal handlers and parent-run cleanup while it runs
 
@@ -166,6 +171,7 @@ class MLflowSweepCallback(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         allow_spawn_in_worker()
+        note_started_run(None)
         if not runs_the_sweep():  # a launcher's worker process (joblib)
             from grpo_lab import faults
 
@@ -196,8 +202,10 @@ class MLflowSweepCallback(Callback):
         run_id = (
             run["run_id"] if run and run.get("experiment_id") == sweep["experiment_id"] else None
         )
-        if job_return.status == JobStatus.COMPLETED:
-            return  # train logged the objective on the run
+        if job_return.status == JobStatus.COMPLETED:  # train logged the objective on the run
+            if run_id is not None:  # the job's run: started, resumed or read back FINISHED
+                _retire_failure_records(client, sweep, str(config.hydra.runtime.output_dir))
+            return
         if job_return.status != JobStatus.FAILED:
             return
         err: BaseException = job_return._return_value
@@ -210,8 +218,15 @@ class MLflowSweepCallback(Callback):
             job_return.status = JobStatus.COMPLETED
             job_return.return_value = math.nan
             return
+        if run_id is not None and run_id != started_run():
+            # the folder's run is an earlier start's (FINISHED, KILLED): this job failed before
+            # it took that run on (a resume refused, a config error); that record stays as it is
+            run_id = None
         if run_id is None:  # failed before its run existed (config check, building the policy)
+            # one record per job: this start's failure replaces an earlier start's
+            _retire_failure_records(client, sweep, str(config.hydra.runtime.output_dir))
             name, tags = job_tags()
+            tags[FAILED_BEFORE_RUN_TAG] = "true"
             run_id = client.create_run(sweep["experiment_id"], run_name=name, tags=tags).info.run_id
         run_info = client.get_run(run_id)
         if ERROR_TAG not in run_info.data.tags:
@@ -384,6 +399,22 @@ def _parent_to_continue(
         client.delete_tag(run_id, ERROR_TAG)
     log.info("resume=auto: sweep continues under parent run %s (start %d)", run_id, starts)
     return run_id
+
+
+def _retire_failure_records(client: Any, sweep: dict, job_dir: str) -> None:
+    """Delete (restorable) the runs that recorded an earlier start of the job in ``job_dir``
+    failing before it had a run: the job has its run now, or a new record replaces them. A job
+    keeps one record, and a sweep that completed is not FAILED for a start that was fixed."""
+    records = client.search_runs(
+        [sweep["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{sweep['parent_run_id']}' "
+        f"and tags.`{FAILED_BEFORE_RUN_TAG}` = 'true'",
+        max_results=5000,
+    )
+    for r in records:
+        if r.data.tags.get("grpo_lab.job_dir") == job_dir:
+            client.set_tag(r.info.run_id, "grpo_lab.replaced", f"a later start of {job_dir}")
+            client.delete_run(r.info.run_id)
 
 
 def _alive(pid: int) -> bool:

@@ -46,6 +46,20 @@ def write_run_file(out_dir: str | Path, run_id: str, experiment_id: str, trackin
     write_atomically(out / RUN_FILE, json.dumps(data, indent=2) + "\n")
 
 
+_STARTED: dict[str, str | None] = {"run_id": None}
+
+
+def note_started_run(run_id: str | None) -> None:
+    """Note the MLflow run this process's current job started or resumed (``train``), or None
+    when a job starts: a failure of the job is that run's, not an earlier start's."""
+    _STARTED["run_id"] = run_id
+
+
+def started_run() -> str | None:
+    """The run ``note_started_run`` noted: the current job's, once it has one."""
+    return _STARTED["run_id"]
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place: a process
     killed meanwhile leaves the old file or the new, and a reader never sees half of one."""
