@@ -166,3 +166,34 @@ def test_the_stop_timeout_is_a_positive_number_of_seconds():
     assert compose().sweep.stop_timeout_s == 600
     with pytest.raises(ConfigError, match=r"sweep.stop_timeout_s=0 .*> 0"):
         validate(compose("sweep.stop_timeout_s=0", check=False))
+
+
+# --------------------------------------------------------------------------- finished runs
+
+
+def test_a_run_extended_to_more_rollouts_counts_as_finished_at_its_new_length(
+    tmp_path, tracking_uri
+):
+    """A FINISHED run resumed with train.rollouts=4 keeps train.rollouts=2 in its params (MLflow
+    cannot change them); the same command again finds it FINISHED, not one to extend again."""
+    from mlflow import MlflowClient
+
+    from grpo_lab.resume import finished_run
+    from grpo_lab.sweep.run_files import write_run_file
+
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("grpo_lab")
+    run = client.create_run(exp)
+    client.log_param(run.info.run_id, "train.rollouts", "2")
+    client.log_param(run.info.run_id, "G", "4")
+    client.set_tag(run.info.run_id, "grpo_lab.resume_changes", json.dumps({"train.rollouts": "4"}))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    write_run_file(tmp_path, run.info.run_id, exp, tracking_uri)
+
+    def found(**params):
+        return finished_run(tmp_path, tracking_uri, {"train.rollouts": "4", "G": "4", **params})
+
+    assert found().info.run_id == run.info.run_id
+    assert found(**{"train.rollouts": "6"}) is None  # longer again: extended
+    assert found(G="8") is None  # refused with its reason on resume
+    assert found(**{"train.rollouts": "2"}) is None  # the first start's length is not the run's

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -156,6 +157,8 @@ def run_to_continue(
     return run, changed
 
 
+RESUME_CHANGES_TAG = "grpo_lab.resume_changes"  # tracking.note_resume: key -> value this start
+
 # Keys that extend a finished run: with another value, resume=auto continues it.
 LENGTH_KEYS = ("train.rollouts", "trainer.max_steps")
 
@@ -181,13 +184,18 @@ def _noted_run(out: Path, tracking_uri: str) -> Any | None:
 def finished_run(out: Path, tracking_uri: str, params: Mapping[str, str]) -> Any | None:
     """The run in ``out`` if it is FINISHED and this config would only repeat it, else None.
 
-    Repeat: every param as the run logged it, except keys that change nothing computed
-    (``RESUMABLE``); ``train.rollouts`` or ``trainer.max_steps`` changed extends the run instead.
+    Repeat: every param as the run last ran with it (its params, and what a resume changed:
+    ``grpo_lab.resume_changes``), except keys that change nothing computed (``RESUMABLE``);
+    ``train.rollouts`` or ``trainer.max_steps`` changed extends the run instead.
     """
     run = _noted_run(out, tracking_uri)
     if run is None or run.info.status != "FINISHED" or run.info.lifecycle_stage != "active":
         return None
-    changed = changed_params(renames.new_params(run.data.params), params)
+    # what the run last ran with: its params keep the first start's values, and a resume notes
+    # what it changed (an extended run FINISHED at its new train.rollouts)
+    ran = renames.new_params(run.data.params)
+    ran.update(json.loads(run.data.tags.get(RESUME_CHANGES_TAG) or "{}"))
+    changed = changed_params(ran, params)
     if any(not resumable(k) or k in LENGTH_KEYS for k in changed):
         return None  # extended, or refused with its reason by run_to_continue
     return run
