@@ -162,6 +162,39 @@ def test_a_stop_waits_while_jobs_run_and_says_when_they_did_not_stop(tmp_path):
         stopping.kill()
 
 
+def test_a_stop_signals_a_job_whose_run_starts_while_the_sweep_waits():
+    """A job past the sweep's stop file when the signal came, whose MLflow run appears only
+    later, gets the signal too: it does not run on unsignalled until the timeout."""
+    sleepers = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for p in sleepers:
+            assert p.stdout.readline().strip() == "up"
+        first, late = sleepers
+        asked = []
+
+        def job_pids() -> list[int]:  # the late job's run shows up at the third look
+            asked.append(1)
+            return [p.pid for p in sleepers if p.poll() is None][: 1 if len(asked) < 3 else 2]
+
+        start = time.monotonic()
+        stopped = faults.stop_processes(
+            signal.SIGTERM, job_pids, lambda: any(p.poll() is None for p in sleepers), 30
+        )
+        assert stopped and time.monotonic() - start < 10
+        assert first.returncode == late.returncode == -signal.SIGTERM
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+
+
 def test_the_stop_timeout_is_a_positive_number_of_seconds():
     assert compose().sweep.stop_timeout_s == 600
     with pytest.raises(ConfigError, match=r"sweep.stop_timeout_s=0 .*> 0"):

@@ -101,20 +101,21 @@ def ignore_signal(signum: int, frame: Any = None) -> None:
 
 
 @contextmanager
-def deferred_signals() -> Iterator[list[int]]:
-    """Inside the block, stop and preemption signals are recorded, not handled: the block (the
-    final checkpoint save, the MLflow status update) runs to its end. Yields the list of signals
-    that arrived; the caller decides what they mean (a repeat of the stop under way: nothing).
+def deferred_signals(
+    signals: tuple[int, ...] = STOP_SIGNALS + PREEMPT_SIGNALS, final: bool = True
+) -> Iterator[list[int]]:
+    """Inside the block, ``signals`` (stop and preemption signals) are recorded, not handled:
+    the block (the final checkpoint save, the MLflow status update) runs to its end. Yields the
+    list of signals that arrived; the caller decides what they mean (a repeat of the stop under
+    way: nothing, said in a warning unless ``final`` is false).
 
     Python-level, not ``pthread_sigmask``: the Python handler runs in the main thread whichever
     thread the OS delivers the signal to, so masking the main thread alone would not defer it.
     """
     caught: list[int] = []
-    with signal_handlers(
-        lambda signum, frame: caught.append(signum), STOP_SIGNALS + PREEMPT_SIGNALS
-    ):
+    with signal_handlers(lambda signum, frame: caught.append(signum), signals):
         yield caught
-    for signum in caught:
+    for signum in caught if final else ():
         log.warning(
             "%s during the final save: ignored, the run is stopping", signal.Signals(signum).name
         )
@@ -322,20 +323,36 @@ def check_writable_dir(path: Path, key: str, value: Any) -> None:
 
 
 def stop_processes(
-    signum: int, pids: list[int], still_running: Callable[[], bool], timeout_s: float
+    signum: int,
+    pids: list[int] | Callable[[], list[int]],
+    still_running: Callable[[], bool],
+    timeout_s: float,
 ) -> bool:
     """Send ``signum`` to ``pids``, then wait while ``still_running()``, at most ``timeout_s``
     (``sweep.stop_timeout_s``: as long as a step and a save take). Returns whether they stopped.
+
+    pids: the processes, or a function that lists them, asked again while waiting: a job that
+    starts its run after the signal (it was past the sweep's stop file, before its MLflow run)
+    gets the signal too, rather than running on unsignalled until the timeout.
 
     A joblib (loky) sweep: a signal reaches the launcher's process only, and loky kills its
     workers outright (SIGKILL) when the launcher stops. Sent first, the signal lets each job stop
     on its own handler (checkpoint saved, MLflow run KILLED). Only processes that run a job get
     it: an idle loky worker has no handler and would die, and loky then kills the others.
     """
-    for pid in pids:
-        with suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signum)
+    find = pids if callable(pids) else (lambda: pids)
+    signalled: set[int] = set()
+
+    def signal_new() -> None:
+        for pid in find():
+            if pid not in signalled:
+                signalled.add(pid)
+                with suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signum)
+
+    signal_new()
     deadline = time.monotonic() + timeout_s
-    while pids and time.monotonic() < deadline and still_running():
+    while time.monotonic() < deadline and still_running():
         time.sleep(0.5)
-    return not (pids and still_running())
+        signal_new()
+    return not still_running()

@@ -233,10 +233,17 @@ def _train_in(cfg: DictConfig, out: Path, rank0: bool) -> float:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
 
-    logger = make_logger(cfg, run.info.run_id if run is not None else None)
+    # a stop signal while the run is made and noted stops it once it can end KILLED
+    with faults.deferred_signals(faults.STOP_SIGNALS, final=False) as caught:
+        logger = make_logger(cfg, run.info.run_id if run is not None else None)
     try:
         # Until the training loop takes over (StopOnSignal), a signal stops the run at once.
         with faults.signal_handlers(faults.raise_interrupted):
+            if caught:
+                raise faults.Interrupted(caught[0], "stopped as its run started")
+            if in_sweep and sweep.sweep_stopping(HydraConfig.get().sweep.dir):
+                # the sweep's stop came after this job's check above, before its run existed
+                raise faults.Interrupted(signal.SIGTERM, "the sweep is stopping")
             tracking.log_config(logger, cfg, run.data.params if run is not None else None)
             if run is None and rank0:
                 # params hold "auto"; the tag says what it resolved to for this run

@@ -143,17 +143,21 @@ class MLflowSweepCallback(Callback):
             # a job that gets the signal stops the sweep with it, and none starts from now on
             write_atomically(sweep_dir / STOPPING_FILE, f"{os.getpid()}\n")
             here = socket.gethostname()
-            pids = [
-                int(r.data.tags[PID_TAG])
-                for r in running_jobs()
-                if r.data.tags.get(HOST_TAG) == here and r.data.tags.get(PID_TAG, "").isdigit()
-            ]
-            pids = [pid for pid in pids if pid != os.getpid()]  # a job in this process handles it
+
+            def job_pids() -> list[int]:
+                """The processes on this host that run a job; asked again while the sweep
+                waits, so a job whose run starts after the signal gets it too."""
+                pids = [
+                    int(r.data.tags[PID_TAG])
+                    for r in running_jobs()
+                    if r.data.tags.get(HOST_TAG) == here and r.data.tags.get(PID_TAG, "").isdigit()
+                ]
+                return [pid for pid in pids if pid != os.getpid()]  # this one handles its own
 
             def still_running() -> bool:
-                return any(_alive(int(r.data.tags.get(PID_TAG, -1))) for r in running_jobs())
+                return any(_alive(pid) for pid in job_pids())
 
-            stopped = faults.stop_processes(signum, pids, still_running, timeout_s)
+            stopped = faults.stop_processes(signum, job_pids, still_running, timeout_s)
             if not stopped:  # their processes die with the sweep: their runs end KILLED
                 for r in running_jobs():
                     why = (
