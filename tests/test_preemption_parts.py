@@ -129,6 +129,36 @@ def test_the_previous_handler_of_a_preemption_signal_runs_after_the_stop():
     assert calls == [signal.SIGUSR2]  # a plain stop requeues nothing
 
 
+def test_the_handler_chained_after_a_preemption_is_the_one_from_before_lightnings():
+    """Under SLURM Lightning's signal connector sets its own SIGUSR1 handler for the fit (it saves
+    an hpc_ckpt, then requeues); the handler run after the stop is the one that was there before
+    (submitit's, or none: grpo_lab requeues itself)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+
+    def before(signum, frame):
+        pass
+
+    trainer = SimpleNamespace(_signal_connector=SimpleNamespace(_original_handlers={}))
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        for original in (before, signal.SIG_DFL):
+            trainer._signal_connector._original_handlers = {signal.SIGUSR1: original}
+            signal.signal(signal.SIGUSR1, _HandlersCompose([lambda signum, frame: None]))
+            stop = faults.StopOnSignal()
+            stop.on_train_start(trainer, None)
+            stop.teardown(trainer, None, "fit")
+            assert stop._previous[signal.SIGUSR1] is original
+        signal.signal(signal.SIGUSR1, before)  # no Lightning handler: the one there is kept
+        stop = faults.StopOnSignal()
+        stop.on_train_start(trainer, None)
+        stop.teardown(trainer, None, "fit")
+        assert stop._previous[signal.SIGUSR1] is before
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_a_stop_waits_while_jobs_run_and_says_when_they_did_not_stop(tmp_path):
     ignoring = subprocess.Popen(
         [

@@ -171,7 +171,7 @@ class StopOnSignal(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signals = STOP_SIGNALS + PREEMPT_SIGNALS
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
+            self._previous = {s: _handler_before_lightning(trainer, s) for s in PREEMPT_SIGNALS}
 
         def stop(signum: int, frame: Any) -> None:
             if self.signum is not None:
@@ -233,6 +233,20 @@ class StopOnSignal(L.Callback):
             handlers.__exit__(None, None, None)
 
 
+def _handler_before_lightning(trainer: L.Trainer, signum: int) -> Any:
+    """The handler of ``signum`` that was there before ``fit`` (submitit's requeue), not the one
+    Lightning's signal connector set for the fit: run after the stop, Lightning's SLURM handler
+    would save an ``hpc_ckpt`` beside the output (minutes of a preemption's grace period, and a
+    checkpoint ``resume=auto`` does not read) and call a trainer that has ended."""
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+
+    handler = signal.getsignal(signum)
+    if isinstance(handler, _HandlersCompose):
+        connector = getattr(trainer, "_signal_connector", None)
+        handler = getattr(connector, "_original_handlers", {}).get(signum)
+    return handler
+
+
 def after_preemption(signum: int, chained: Any, rank0: bool) -> None:
     """After a preempted run saved ``last.ckpt`` and ended KILLED: have it requeued.
 
@@ -251,9 +265,9 @@ def after_preemption(signum: int, chained: Any, rank0: bool) -> None:
         import subprocess
 
         try:
-            result = subprocess.call(["scontrol", "requeue", job])
+            result: Any = subprocess.call(["scontrol", "requeue", job])
         except FileNotFoundError:
-            result = None
+            result = "not found on PATH"
         if result == 0:
             log.warning("requeued SLURM job %s", job)
         else:
