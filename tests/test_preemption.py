@@ -391,3 +391,26 @@ def test_a_refused_rerun_of_a_sweep_leaves_the_finished_run_as_it_was(
     (parent,), jobs = sweep_runs(client, tmp_path / "abl")
     assert parent.info.status == "FINISHED"
     assert [(r.info.run_id, r.info.status) for r in jobs] == [(job.info.run_id, "FINISHED")]
+
+
+@pytest.mark.slow
+def test_a_key_swept_in_a_later_start_keeps_the_earlier_jobs_and_splits_the_report(
+    run_cli, tmp_path, tracking_uri
+):
+    """``G=2,4`` (beta fixed at 0.04), then ``G=2,4 beta=0.04,0``: the two jobs that ran are
+    found FINISHED in their folders, not run again under new names; the report compares the four
+    configurations along G and beta, not two along G with beta=0 and 0.04 mixed."""
+    from grpo_lab.report.load import load
+    from grpo_lab.report.stats import groups
+
+    dir_ = tmp_path / "abl"
+    args = ["train", "-m", *fast_without("G"), "resume=auto", f"hydra.sweep.dir={dir_}"]
+    run_cli(*args, "G=2,4")
+    again = run_cli(*[a for a in args if a != "beta=0.04"], "G=2,4", "beta=0.04,0")
+    assert again.stdout.count("already FINISHED (resume=auto)") == 2
+    client = MlflowClient(tracking_uri)
+    (parent,), jobs = sweep_runs(client, dir_)
+    assert len(jobs) == 4 and {r.info.status for r in jobs} == {"FINISHED"}
+    assert json.loads(parent.data.tags["grpo_lab.swept_keys"]) == ["G", "beta"]
+    sweep, _, _ = load(str(dir_), tracking_uri)
+    assert sorted(groups(sweep)) == [("2", "0"), ("2", "0.04"), ("4", "0"), ("4", "0.04")]

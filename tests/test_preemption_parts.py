@@ -18,7 +18,7 @@ import pytest
 from grpo_lab import faults
 from grpo_lab.config import ConfigError, validate
 from grpo_lab.locks import Locked, OwnerLock, read_owner
-from grpo_lab.sweep.job_dirs import MAX_NAME, _job_dir, job_dir_name
+from grpo_lab.sweep.job_dirs import MAX_NAME, _job_dir, earlier_job_dir, job_dir_name
 from grpo_lab.sweep.run_files import SWEEP_FILE
 from helpers import compose
 
@@ -61,6 +61,58 @@ def test_the_resolver_names_grid_jobs_by_value_and_other_sweepers_by_number(tmp_
     sweep["sweeper"] = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
     (tmp_path / SWEEP_FILE).write_text(json.dumps(sweep))
     assert _job_dir(tmp_path, 3, overrides) == "3"  # Optuna may pick the same values twice
+
+
+def _job_folder(sweep_dir: Path, name: str, overrides: list[str], **config) -> None:
+    hydra = sweep_dir / name / ".hydra"
+    hydra.mkdir(parents=True)
+    (hydra / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (hydra / "config.yaml").write_text("".join(f"{k}: {v}\n" for k, v in config.items()))
+
+
+def test_a_job_keeps_its_folder_when_a_later_start_sweeps_another_key(tmp_path):
+    """``G=4,8 beta=0`` then ``G=4,8 beta=0,0.04 seeds=2``: G=4 beta=0 seed=0 is the job of
+    folder G-4 (beta given, seed left at its default 0), not a new one that runs it again."""
+    common = ["task.max_operand=9", "resume=auto"]
+    _job_folder(tmp_path, "G-4", ["G=4", "beta=0", *common], seed=0, beta=0.0)
+    _job_folder(tmp_path, "G-8", ["G=8", "beta=0", *common], seed=0, beta=0.0)
+    sweep = {
+        "swept_keys": ["G", "beta", "seed"],
+        "sweeper": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    }
+    (tmp_path / SWEEP_FILE).write_text(json.dumps(sweep))
+    job = ["G=4", "beta=0", "task.max_operand=9", "seed=0"]
+    assert _job_dir(tmp_path, 0, job) == "G-4"
+    assert _job_dir(tmp_path, 1, ["G=4", "beta=0.0", "task.max_operand=9", "seed=0"]) == "G-4"
+    assert _job_dir(tmp_path, 2, ["G=4", "beta=0", "task.max_operand=9", "seed=1"]) == (
+        "G-4+beta-0+seed-1"
+    )
+    assert _job_dir(tmp_path, 3, ["G=4", "beta=0.04", "task.max_operand=9", "seed=0"]) == (
+        "G-4+beta-0.04+seed-0"
+    )
+    # another value of a key the sweep holds fixed: another job
+    assert _job_dir(tmp_path, 4, ["G=4", "beta=0", "task.max_operand=19", "seed=0"]) == (
+        "G-4+beta-0+seed-0"
+    )
+    # a key the earlier job gave that this one leaves at its default: not known to be the same
+    assert _job_dir(tmp_path, 5, ["G=4", "seed=0"]) == "G-4+seed-0"
+    # its own folder, once there, is its folder
+    (tmp_path / "G-4+beta-0+seed-0").mkdir()
+    assert _job_dir(tmp_path, 0, job) == "G-4+beta-0+seed-0"
+
+
+def test_a_longer_run_keeps_its_folder_unless_two_folders_differ_only_in_length(tmp_path):
+    swept = ["G"]
+    _job_folder(tmp_path, "seed-0", ["seed=0", "train.rollouts=2"])
+    assert earlier_job_dir(tmp_path, ["G=4", "seed=0", "train.rollouts=4"], swept) is None
+    assert earlier_job_dir(tmp_path, ["seed=0", "train.rollouts=4"], swept) == "seed-0"
+    _job_folder(tmp_path, "seed-0+train.rollouts-8", ["seed=0", "train.rollouts=8"])
+    assert earlier_job_dir(tmp_path, ["seed=0", "train.rollouts=8"], swept) == (
+        "seed-0+train.rollouts-8"
+    )
+    assert earlier_job_dir(tmp_path, ["seed=0", "train.rollouts=4"], swept) is None  # which?
+    # swept, the length is part of what the job is
+    assert earlier_job_dir(tmp_path, ["seed=0", "train.rollouts=4"], ["train.rollouts"]) is None
 
 
 # --------------------------------------------------------------------------- lock files

@@ -78,7 +78,7 @@ class MLflowSweepCallback(Callback):
         sweep_id = "/".join(sweep_dir.parts[-2:])
         client = store.client(uri)
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_"))
-        parent_id = _parent_to_continue(config, client, exp_id, sweep_dir)
+        parent_id = _parent_to_continue(config, client, exp_id, sweep_dir, keys)
         if parent_id is None:
             parent_id = client.create_run(
                 exp_id,
@@ -372,10 +372,14 @@ def _release_sweep_lock() -> None:
 
 
 def _parent_to_continue(
-    config: DictConfig, client: Any, experiment_id: str, sweep_dir: Path
+    config: DictConfig, client: Any, experiment_id: str, sweep_dir: Path, keys: list[str]
 ) -> str | None:
     """With ``resume=auto``: the parent run an earlier start of this sweep made, back to RUNNING;
-    None for a new parent (no earlier start, or no ``resume=auto``)."""
+    None for a new parent (no earlier start, or no ``resume=auto``).
+
+    keys: this start's swept keys. The parent's ``grpo_lab.swept_keys`` becomes the keys any
+    start swept: the report compares its jobs along them, and a key this start sweeps that an
+    earlier one did not must not merge the jobs that differ in it."""
     from mlflow.exceptions import MlflowException
 
     earlier = read_sweep_file(sweep_dir)
@@ -399,6 +403,11 @@ def _parent_to_continue(
     starts = int(parent.data.tags.get("grpo_lab.sweep_starts", "1")) + 1
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, "grpo_lab.sweep_starts", str(starts))
+    swept = json.loads(parent.data.tags.get("grpo_lab.swept_keys", "[]"))
+    if any(k not in swept for k in keys):
+        client.set_tag(
+            run_id, "grpo_lab.swept_keys", json.dumps(swept + [k for k in keys if k not in swept])
+        )
     if ERROR_TAG in parent.data.tags:  # "stopped by signal 15" is no longer what it is
         client.delete_tag(run_id, ERROR_TAG)
     log.info("resume=auto: sweep continues under parent run %s (start %d)", run_id, starts)
