@@ -414,3 +414,30 @@ def test_a_key_swept_in_a_later_start_keeps_the_earlier_jobs_and_splits_the_repo
     assert json.loads(parent.data.tags["grpo_lab.swept_keys"]) == ["G", "beta"]
     sweep, _, _ = load(str(dir_), tracking_uri)
     assert sorted(groups(sweep)) == [("2", "0"), ("2", "0.04"), ("4", "0"), ("4", "0.04")]
+
+
+@pytest.mark.slow
+def test_a_sweep_without_resume_auto_in_an_earlier_sweeps_dir_is_refused(
+    run_cli, tmp_path, tracking_uri
+):
+    """Started anew there, the jobs would save beside the earlier jobs' checkpoints and the sweep
+    file would name a new parent, hiding the earlier jobs from resume=auto and the report."""
+    dir_ = tmp_path / "abl"
+    args = ["train", "-m", "seed=0", *FAST, f"hydra.sweep.dir={dir_}"]
+    run_cli(*args)
+    client = MlflowClient(tracking_uri)
+    (parent,), (job,) = sweep_runs(client, dir_)
+    again = run_cli(*args, check=False)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert f"hydra.sweep.dir={dir_}: an earlier sweep ran there" in again.stderr
+    assert "resume=auto" in again.stderr
+    (parent2,), jobs = sweep_runs(client, dir_)
+    assert parent2.info.run_id == parent.info.run_id and [r.info.run_id for r in jobs] == [
+        job.info.run_id
+    ]
+    # a plain run in a job's folder: refused too, naming the run there
+    plain = run_cli("train", *FAST, f"paths.output_dir={dir_ / '0'}", check=False)
+    assert plain.returncode == 2, plain.stderr[-3000:]
+    assert f"holds the checkpoints of an earlier run (MLflow run {job.info.run_id})" in (
+        plain.stderr
+    )

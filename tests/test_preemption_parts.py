@@ -312,3 +312,23 @@ def test_a_run_extended_to_more_rollouts_counts_as_finished_at_its_new_length(
     assert found(**{"train.rollouts": "6"}) is None  # longer again: extended
     assert found(G="8") is None  # refused with its reason on resume
     assert found(**{"train.rollouts": "2"}) is None  # the first start's length is not the run's
+
+
+def test_a_new_run_in_a_dir_that_holds_an_earlier_runs_checkpoints_is_refused(tmp_path):
+    """Lightning would save the new run's checkpoints as -v1 copies beside the earlier run's and
+    leave last.ckpt the earlier run's, while mlflow_run.json named the new run."""
+    from grpo_lab.resume import refuse_other_run_in
+
+    out = tmp_path / "run"
+    refuse_other_run_in(out, None, "paths.output_dir", out)  # nothing there: a fresh start
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (out / "mlflow_run.json").write_text(json.dumps({"run_id": "abc", "experiment_id": "1"}))
+    with pytest.raises(ConfigError, match=r"paths.output_dir=.*earlier run \(MLflow run abc\)"):
+        refuse_other_run_in(out, None, "paths.output_dir", out)
+    elsewhere = tmp_path / "other" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="resume=auto continues that run"):
+        refuse_other_run_in(out, elsewhere, "paths.output_dir", out)
+    # a checkpoint of the run in out, the last or an earlier one: that run goes on
+    refuse_other_run_in(out, out / "checkpoints" / "last.ckpt", "paths.output_dir", out)
+    refuse_other_run_in(out, out / "checkpoints" / "rollout-step=2.ckpt", "paths.output_dir", out)

@@ -85,6 +85,30 @@ def checkpoint_to_resume(cfg: DictConfig, out: Path, fixed_output_dir: bool) -> 
     return None
 
 
+def refuse_other_run_in(out: Path, ckpt: Path | None, key: str, value: Any) -> None:
+    """A run that is not the one whose ``last.ckpt`` is in ``out`` (a fresh start, a resume from
+    a checkpoint elsewhere) is refused there: Lightning would save its checkpoints beside the
+    earlier run's as ``-v1`` copies, ``last.ckpt`` would stay the earlier run's while
+    ``mlflow_run.json`` named the new run, and eval and ``resume=auto`` would then read the
+    earlier run's policy as the new run's. key, value: the config key that chose ``out`` and
+    its value (a sweep's dir, for a job folder in it)."""
+    last = out / LAST
+    if not last.is_file():
+        return
+    if ckpt is not None and ckpt.resolve().parent == last.parent.resolve():
+        return  # a checkpoint of the run in out: that run goes on
+    from grpo_lab import sweep
+
+    noted = sweep.read_run_file(out) if (out / sweep.RUN_FILE).is_file() else None
+    whose = f" (MLflow run {noted['run_id']})" if noted else ""
+    raise ConfigError(
+        f"invalid config:\n  {key}={value}: {out} holds the checkpoints of an earlier "
+        f"run{whose}; a new run there would leave {last} the earlier run's. resume=auto "
+        f"continues that run; to start anew, give another {key} (or remove "
+        f"{out / 'checkpoints'})"
+    )
+
+
 def changed_params(run_params: Mapping[str, str], params: Mapping[str, str]) -> dict[str, Any]:
     """key -> (value in the run, value now) for each param of the run that differs now.
 

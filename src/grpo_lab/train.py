@@ -48,6 +48,15 @@ def fixed_output_dir(cfg: DictConfig) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in hc.overrides.hydra)
 
 
+def _output_dir_key(cfg: DictConfig, in_sweep: bool) -> tuple[str, Any]:
+    """The config key that chose ``output_dir(cfg)`` and its value, for an error about it."""
+    if cfg.paths.get("output_dir"):
+        return "paths.output_dir", cfg.paths.output_dir
+    if in_sweep:
+        return "hydra.sweep.dir", HydraConfig.get().sweep.dir
+    return "hydra.run.dir", HydraConfig.get().run.dir if HydraConfig.initialized() else "?"
+
+
 def build_rewards(cfg: DictConfig) -> RewardSet:
     functions = {name: instantiate(spec) for name, spec in cfg.reward.functions.items()}
     weights = OmegaConf.to_container(cfg.reward.get("weights") or {})
@@ -225,6 +234,8 @@ def _train_in(cfg: DictConfig, out: Path, rank0: bool) -> float:
         if finished is not None:
             return _report_finished(cfg, finished, out)
     ckpt = resume.checkpoint_to_resume(cfg, out, fixed_output_dir(cfg))
+    if rank0:
+        resume.refuse_other_run_in(out, ckpt, *_output_dir_key(cfg, in_sweep))
     if cfg.get("resume") == "auto" and ckpt is None and rank0:
         # killed before its first checkpoint: nothing to continue, and its metrics would repeat
         resume.retire_unresumable_run(out, cfg.logger.tracking_uri)

@@ -70,6 +70,7 @@ class MLflowSweepCallback(Callback):
                     1, int(OmegaConf.select(config, "hydra.launcher.n_jobs") or 1)
                 )
         _hold_sweep_lock(sweep_dir)
+        _refuse_new_sweep_over_earlier(config, sweep_dir)
         uri, name = config.logger.tracking_uri, config.logger.experiment_name
         exp_id = store.ensure_experiment(uri, name)
         keys = swept_keys(config)
@@ -363,6 +364,23 @@ def _hold_sweep_lock(sweep_dir: Path) -> None:
         _WATCH["lock"] = lock.acquire()
     except Locked as err:
         raise SystemExit(f"grpo-lab: {err}".replace("invalid config:\n  ", "")) from None
+
+
+def _refuse_new_sweep_over_earlier(config: DictConfig, sweep_dir: Path) -> None:
+    """A sweep without ``resume=auto`` in a sweep dir where an earlier sweep ran is refused: its
+    jobs would start anew in folders that hold the earlier jobs' checkpoints (each refused:
+    ``resume.refuse_other_run_in``), and ``mlflow_sweep.json`` would name a new parent run, so
+    that ``resume=auto`` and the report no longer found the earlier jobs."""
+    earlier = read_sweep_file(sweep_dir)
+    if earlier is None or OmegaConf.select(config, "resume") == "auto":
+        return
+    _release_sweep_lock()
+    raise SystemExit(
+        f"grpo-lab: hydra.sweep.dir={sweep_dir}: an earlier sweep ran there (parent MLflow run "
+        f"{earlier.get('parent_run_id')}). The same command with resume=auto continues it "
+        "(finished jobs are kept, killed ones resumed, new values added); to start anew, give "
+        f"another hydra.sweep.dir (or remove {sweep_dir})"
+    )
 
 
 def _release_sweep_lock() -> None:
