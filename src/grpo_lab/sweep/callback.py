@@ -177,7 +177,7 @@ class MLflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         allow_spawn_in_worker()
         note_started_run(None)
-        if not runs_the_sweep():  # a launcher's worker process (joblib)
+        if _in_worker(config):  # a launcher's worker process (joblib)
             from grpo_lab import faults
 
             # A stop signal to this worker stops its job, from here on (train installs its own
@@ -186,7 +186,7 @@ class MLflowSweepCallback(Callback):
             faults.set_signal_handlers(faults.raise_interrupted)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if not runs_the_sweep():
+        if _in_worker(config):
             from grpo_lab import faults
 
             # Between jobs there is nothing to stop: a signal that comes late is ignored.
@@ -327,6 +327,14 @@ def _job_label(run: Any) -> str:
     label in every start of the sweep."""
     folder = run.data.tags.get("grpo_lab.job_dir")
     return Path(folder).name if folder else run.data.tags.get("grpo_lab.job_num", "?")
+
+
+def _in_worker(config: DictConfig) -> bool:
+    """Whether this process runs a sweep's jobs for a launcher (a joblib worker, a submitit job)
+    rather than the sweep itself: not a plain run, which keeps its own signal handling."""
+    from hydra.types import RunMode
+
+    return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN and not runs_the_sweep()
 
 
 def runs_the_sweep() -> bool:
