@@ -332,3 +332,60 @@ def test_a_new_run_in_a_dir_that_holds_an_earlier_runs_checkpoints_is_refused(tm
     # a checkpoint of the run in out, the last or an earlier one: that run goes on
     refuse_other_run_in(out, out / "checkpoints" / "last.ckpt", "paths.output_dir", out)
     refuse_other_run_in(out, out / "checkpoints" / "rollout-step=2.ckpt", "paths.output_dir", out)
+
+
+def test_a_stopped_sweep_signals_its_own_jobs_not_the_pids_of_runs_an_earlier_start_left(
+    tmp_path,
+):
+    """A run an earlier start left RUNNING (its process SIGKILLed) names a pid another process
+    may hold now: the stop signals only the processes of this start's jobs."""
+    from types import SimpleNamespace
+
+    from grpo_lab.sweep import callback
+    from grpo_lab.sweep.run_files import HOST_TAG, PID_TAG, START_TAG
+
+    sleepers = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    mine, stale = sleepers
+
+    def run(proc, start):
+        tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(proc.pid), START_TAG: str(start)}
+        return SimpleNamespace(
+            info=SimpleNamespace(run_id=f"run{proc.pid}"), data=SimpleNamespace(tags=tags)
+        )
+
+    class Client:
+        def search_runs(self, *args, **kwargs):
+            return [run(p, start) for p, start in ((mine, 2), (stale, 1)) if p.poll() is None]
+
+        def set_tag(self, *args):
+            pass
+
+        def set_terminated(self, *args):
+            pass
+
+    try:
+        for p in sleepers:
+            assert p.stdout.readline().strip() == "up"
+        with faults.signal_handlers(signal.SIG_DFL):  # restored after the test
+            callback.MLflowSweepCallback()._watch_signals(Client(), "1", "parent", 20, tmp_path, 2)
+            on_signal = signal.getsignal(signal.SIGTERM)
+            try:
+                with pytest.raises(faults.Interrupted):
+                    on_signal(signal.SIGTERM, None)
+            finally:
+                callback._WATCH.pop("handlers").__exit__(None, None, None)
+                faults.remove_cleanup(callback._WATCH.pop("cleanup"))
+                callback._WATCH.clear()
+        assert mine.wait(timeout=10) == -signal.SIGTERM
+        assert stale.poll() is None  # not this start's: left alone
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()

@@ -33,6 +33,7 @@ from grpo_lab.sweep.run_files import (
     ERROR_TAG,
     HOST_TAG,
     PID_TAG,
+    START_TAG,
     STOPPING_FILE,
     SWEEP_FILE,
     note_started_run,
@@ -79,7 +80,7 @@ class MLflowSweepCallback(Callback):
         sweep_id = "/".join(sweep_dir.parts[-2:])
         client = store.client(uri)
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_"))
-        parent_id = _parent_to_continue(config, client, exp_id, sweep_dir, keys)
+        parent_id, start = _parent_to_continue(config, client, exp_id, sweep_dir, keys)
         if parent_id is None:
             parent_id = client.create_run(
                 exp_id,
@@ -104,12 +105,13 @@ class MLflowSweepCallback(Callback):
             "sweep_dir": str(sweep_dir.resolve()),
             "swept_keys": keys,
             "sweeper": sweeper,
+            "start": start,  # which start of the sweep this is (grpo_lab.sweep_starts)
         }
         write_atomically(sweep_dir / SWEEP_FILE, json.dumps(data, indent=2) + "\n")
         log.info("MLflow sweep run %s (experiment %s): %s", parent_id, name, label)
         timeout = float(OmegaConf.select(config, "sweep.stop_timeout_s", default=600.0))
         (sweep_dir / STOPPING_FILE).unlink(missing_ok=True)  # an earlier start's
-        self._watch_signals(client, exp_id, parent_id, timeout, sweep_dir)
+        self._watch_signals(client, exp_id, parent_id, timeout, sweep_dir, start)
 
     def _watch_signals(
         self,
@@ -118,6 +120,7 @@ class MLflowSweepCallback(Callback):
         parent_run_id: str,
         timeout_s: float,
         sweep_dir: Path,
+        start: int,
     ) -> None:
         """SIGINT or SIGTERM ends the sweep with its parent run KILLED, not RUNNING forever.
 
@@ -146,12 +149,16 @@ class MLflowSweepCallback(Callback):
             here = socket.gethostname()
 
             def job_pids() -> list[int]:
-                """The processes on this host that run a job; asked again while the sweep
-                waits, so a job whose run starts after the signal gets it too."""
+                """The processes on this host that run a job of this start; asked again while
+                the sweep waits, so a job whose run starts after the signal gets it too. A run
+                an earlier start left RUNNING (its process SIGKILLed) names a pid that another
+                process may have now: it gets no signal."""
                 pids = [
                     int(r.data.tags[PID_TAG])
                     for r in running_jobs()
-                    if r.data.tags.get(HOST_TAG) == here and r.data.tags.get(PID_TAG, "").isdigit()
+                    if r.data.tags.get(HOST_TAG) == here
+                    and r.data.tags.get(PID_TAG, "").isdigit()
+                    and r.data.tags.get(START_TAG) == str(start)
                 ]
                 return [pid for pid in pids if pid != os.getpid()]  # this one handles its own
 
@@ -399,9 +406,10 @@ def _release_sweep_lock() -> None:
 
 def _parent_to_continue(
     config: DictConfig, client: Any, experiment_id: str, sweep_dir: Path, keys: list[str]
-) -> str | None:
-    """With ``resume=auto``: the parent run an earlier start of this sweep made, back to RUNNING;
-    None for a new parent (no earlier start, or no ``resume=auto``).
+) -> tuple[str | None, int]:
+    """With ``resume=auto``: the parent run an earlier start of this sweep made, back to RUNNING,
+    and the number of this start; (None, 1) for a new parent (no earlier start, or no
+    ``resume=auto``).
 
     keys: this start's swept keys. The parent's ``grpo_lab.swept_keys`` becomes the keys any
     start swept: the report compares its jobs along them, and a key this start sweeps that an
@@ -410,7 +418,7 @@ def _parent_to_continue(
 
     earlier = read_sweep_file(sweep_dir)
     if OmegaConf.select(config, "resume") != "auto" or earlier is None:
-        return None
+        return None, 1
     if earlier.get("experiment_id") != experiment_id:
         log.warning(
             "resume=auto: the sweep in %s logged to experiment %s, this one to %s: new parent run",
@@ -418,13 +426,13 @@ def _parent_to_continue(
             earlier.get("experiment_id"),
             experiment_id,
         )
-        return None
+        return None, 1
     try:
         parent = client.get_run(earlier["parent_run_id"])
     except MlflowException:
-        return None
+        return None, 1
     if parent.info.lifecycle_stage != "active":
-        return None
+        return None, 1
     run_id = parent.info.run_id
     starts = int(parent.data.tags.get("grpo_lab.sweep_starts", "1")) + 1
     client.update_run(run_id, status="RUNNING")
@@ -437,7 +445,7 @@ def _parent_to_continue(
     if ERROR_TAG in parent.data.tags:  # "stopped by signal 15" is no longer what it is
         client.delete_tag(run_id, ERROR_TAG)
     log.info("resume=auto: sweep continues under parent run %s (start %d)", run_id, starts)
-    return run_id
+    return run_id, starts
 
 
 def _retire_failure_records(client: Any, sweep: dict, job_dir: str) -> None:

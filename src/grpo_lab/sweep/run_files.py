@@ -22,6 +22,9 @@ RUN_FILE = "mlflow_run.json"  # in each run's output dir: its MLflow run (eval l
 ERROR_TAG = "grpo_lab.error"
 # Where a job runs: a sweep stopped by a signal passes it on to its jobs on this machine.
 HOST_TAG, PID_TAG = "grpo_lab.host", "grpo_lab.pid"
+START_TAG = (
+    "grpo_lab.sweep_start"  # the start of the sweep that runs the job (its pid is that start's)
+)
 
 
 def record_failure(client: Any, run_id: str, err: BaseException) -> None:
