@@ -362,3 +362,83 @@ def test_a_sweep_of_two_process_jobs_killed_once_ends_as_the_undisturbed_sweep(
                 ), where
     resumed = next(r for r in jobs if r.info.run_name == "seed=0")
     assert "grpo_lab.resumed_from" in resumed.data.tags
+
+
+@pytest.mark.slow
+def test_a_refused_rerun_of_a_sweep_leaves_the_finished_run_as_it_was(
+    run_cli, tmp_path, tracking_uri
+):
+    """A sweep run again with a key a resume may not change: each job is refused and recorded
+    FAILED on a run of its own; the FINISHED run in the job's folder keeps its status, and the
+    command as it was finishes the sweep again with one run per job."""
+    args = ["train", "-m", "seed=0", *FAST, "resume=auto", f"hydra.sweep.dir={tmp_path / 'abl'}"]
+    run_cli(*args)
+    client = MlflowClient(tracking_uri)
+    (parent,), (job,) = sweep_runs(client, tmp_path / "abl")
+    changed = [a.replace("task.eval_size=20", "task.eval_size=10") for a in args]
+    assert changed != args
+    refused = run_cli(*changed)
+    assert "task.eval_size=10 is invalid on resume" in refused.stdout + refused.stderr
+    kept = client.get_run(job.info.run_id)
+    assert kept.info.status == "FINISHED" and "grpo_lab.error" not in kept.data.tags
+    (parent,), jobs = sweep_runs(client, tmp_path / "abl")
+    assert parent.info.status == "FAILED"
+    (record,) = [r for r in jobs if r.info.run_id != job.info.run_id]
+    assert (
+        record.info.status == "FAILED" and "task.eval_size=10" in record.data.tags["grpo_lab.error"]
+    )
+
+    run_cli(*args)
+    (parent,), jobs = sweep_runs(client, tmp_path / "abl")
+    assert parent.info.status == "FINISHED"
+    assert [(r.info.run_id, r.info.status) for r in jobs] == [(job.info.run_id, "FINISHED")]
+
+
+@pytest.mark.slow
+def test_a_key_swept_in_a_later_start_keeps_the_earlier_jobs_and_splits_the_report(
+    run_cli, tmp_path, tracking_uri
+):
+    """``G=2,4`` (beta fixed at 0.04), then ``G=2,4 beta=0.04,0``: the two jobs that ran are
+    found FINISHED in their folders, not run again under new names; the report compares the four
+    configurations along G and beta, not two along G with beta=0 and 0.04 mixed."""
+    from grpo_lab.report.load import load
+    from grpo_lab.report.stats import groups
+
+    dir_ = tmp_path / "abl"
+    args = ["train", "-m", *fast_without("G"), "resume=auto", f"hydra.sweep.dir={dir_}"]
+    run_cli(*args, "G=2,4")
+    again = run_cli(*[a for a in args if a != "beta=0.04"], "G=2,4", "beta=0.04,0")
+    assert again.stdout.count("already FINISHED (resume=auto)") == 2
+    client = MlflowClient(tracking_uri)
+    (parent,), jobs = sweep_runs(client, dir_)
+    assert len(jobs) == 4 and {r.info.status for r in jobs} == {"FINISHED"}
+    assert json.loads(parent.data.tags["grpo_lab.swept_keys"]) == ["G", "beta"]
+    sweep, _, _ = load(str(dir_), tracking_uri)
+    assert sorted(groups(sweep)) == [("2", "0"), ("2", "0.04"), ("4", "0"), ("4", "0.04")]
+
+
+@pytest.mark.slow
+def test_a_sweep_without_resume_auto_in_an_earlier_sweeps_dir_is_refused(
+    run_cli, tmp_path, tracking_uri
+):
+    """Started anew there, the jobs would save beside the earlier jobs' checkpoints and the sweep
+    file would name a new parent, hiding the earlier jobs from resume=auto and the report."""
+    dir_ = tmp_path / "abl"
+    args = ["train", "-m", "seed=0", *FAST, f"hydra.sweep.dir={dir_}"]
+    run_cli(*args)
+    client = MlflowClient(tracking_uri)
+    (parent,), (job,) = sweep_runs(client, dir_)
+    again = run_cli(*args, check=False)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert f"hydra.sweep.dir={dir_}: an earlier sweep ran there" in again.stderr
+    assert "resume=auto" in again.stderr
+    (parent2,), jobs = sweep_runs(client, dir_)
+    assert parent2.info.run_id == parent.info.run_id and [r.info.run_id for r in jobs] == [
+        job.info.run_id
+    ]
+    # a plain run in a job's folder: refused too, naming the run there
+    plain = run_cli("train", *FAST, f"paths.output_dir={dir_ / '0'}", check=False)
+    assert plain.returncode == 2, plain.stderr[-3000:]
+    assert f"holds the checkpoints of an earlier run (MLflow run {job.info.run_id})" in (
+        plain.stderr
+    )

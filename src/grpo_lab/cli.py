@@ -55,15 +55,21 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is a signal's stop (``faults.Interrupted``). Only a process that loaded
+    ``faults`` (and with it torch and Lightning) can raise one: a config error exits without
+    loading them."""
+    faults = sys.modules.get("grpo_lab.faults")
+    return faults is not None and isinstance(err, faults.Interrupted)
+
+
 def _job_stopped_alone(stop: SystemExit) -> bool:
     """A signal stopped this sweep job in a launcher's worker process, and not because the
     sweep is stopping: that job alone was signalled (its run ended KILLED with its checkpoint).
 
     Raised on, the stop would break the worker pool and end every other job of the sweep.
     """
-    from grpo_lab.faults import Interrupted
-
-    if not isinstance(stop, Interrupted) or not _in_multirun():
+    if not _interrupted(stop) or not _in_multirun():
         return False
     from hydra.core.hydra_config import HydraConfig
 
@@ -177,9 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             _hydra_app(command, argv0, rest)()
         except BaseException as err:
-            from grpo_lab.faults import Interrupted
-
-            if isinstance(err, Interrupted):
+            if _interrupted(err):
                 # stopped and saved: more signals while the interpreter shuts down (a scheduler
                 # sends several) must not turn exit status 143 into death by signal
                 for s in (signal.SIGINT, signal.SIGTERM):

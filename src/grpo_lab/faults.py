@@ -101,20 +101,21 @@ def ignore_signal(signum: int, frame: Any = None) -> None:
 
 
 @contextmanager
-def deferred_signals() -> Iterator[list[int]]:
-    """Inside the block, stop and preemption signals are recorded, not handled: the block (the
-    final checkpoint save, the MLflow status update) runs to its end. Yields the list of signals
-    that arrived; the caller decides what they mean (a repeat of the stop under way: nothing).
+def deferred_signals(
+    signals: tuple[int, ...] = STOP_SIGNALS + PREEMPT_SIGNALS, final: bool = True
+) -> Iterator[list[int]]:
+    """Inside the block, ``signals`` (stop and preemption signals) are recorded, not handled:
+    the block (the final checkpoint save, the MLflow status update) runs to its end. Yields the
+    list of signals that arrived; the caller decides what they mean (a repeat of the stop under
+    way: nothing, said in a warning unless ``final`` is false).
 
     Python-level, not ``pthread_sigmask``: the Python handler runs in the main thread whichever
     thread the OS delivers the signal to, so masking the main thread alone would not defer it.
     """
     caught: list[int] = []
-    with signal_handlers(
-        lambda signum, frame: caught.append(signum), STOP_SIGNALS + PREEMPT_SIGNALS
-    ):
+    with signal_handlers(lambda signum, frame: caught.append(signum), signals):
         yield caught
-    for signum in caught:
+    for signum in caught if final else ():
         log.warning(
             "%s during the final save: ignored, the run is stopping", signal.Signals(signum).name
         )
@@ -170,7 +171,7 @@ class StopOnSignal(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signals = STOP_SIGNALS + PREEMPT_SIGNALS
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
+            self._previous = {s: _handler_before_lightning(trainer, s) for s in PREEMPT_SIGNALS}
 
         def stop(signum: int, frame: Any) -> None:
             if self.signum is not None:
@@ -236,6 +237,20 @@ class StopOnSignal(L.Callback):
             handlers.__exit__(None, None, None)
 
 
+def _handler_before_lightning(trainer: L.Trainer, signum: int) -> Any:
+    """The handler of ``signum`` that was there before ``fit`` (submitit's requeue), not the one
+    Lightning's signal connector set for the fit: run after the stop, Lightning's SLURM handler
+    would save an ``hpc_ckpt`` beside the output (minutes of a preemption's grace period, and a
+    checkpoint ``resume=auto`` does not read) and call a trainer that has ended."""
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+
+    handler = signal.getsignal(signum)
+    if isinstance(handler, _HandlersCompose):
+        connector = getattr(trainer, "_signal_connector", None)
+        handler = getattr(connector, "_original_handlers", {}).get(signum)
+    return handler
+
+
 def after_preemption(signum: int, chained: Any, rank0: bool) -> None:
     """After a preempted run saved ``last.ckpt`` and ended KILLED: have it requeued.
 
@@ -254,9 +269,9 @@ def after_preemption(signum: int, chained: Any, rank0: bool) -> None:
         import subprocess
 
         try:
-            result = subprocess.call(["scontrol", "requeue", job])
+            result: Any = subprocess.call(["scontrol", "requeue", job])
         except FileNotFoundError:
-            result = None
+            result = "not found on PATH"
         if result == 0:
             log.warning("requeued SLURM job %s", job)
         else:
@@ -326,20 +341,36 @@ def check_writable_dir(path: Path, key: str, value: Any) -> None:
 
 
 def stop_processes(
-    signum: int, pids: list[int], still_running: Callable[[], bool], timeout_s: float
+    signum: int,
+    pids: list[int] | Callable[[], list[int]],
+    still_running: Callable[[], bool],
+    timeout_s: float,
 ) -> bool:
     """Send ``signum`` to ``pids``, then wait while ``still_running()``, at most ``timeout_s``
     (``sweep.stop_timeout_s``: as long as a step and a save take). Returns whether they stopped.
+
+    pids: the processes, or a function that lists them, asked again while waiting: a job that
+    starts its run after the signal (it was past the sweep's stop file, before its MLflow run)
+    gets the signal too, rather than running on unsignalled until the timeout.
 
     A joblib (loky) sweep: a signal reaches the launcher's process only, and loky kills its
     workers outright (SIGKILL) when the launcher stops. Sent first, the signal lets each job stop
     on its own handler (checkpoint saved, MLflow run KILLED). Only processes that run a job get
     it: an idle loky worker has no handler and would die, and loky then kills the others.
     """
-    for pid in pids:
-        with suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signum)
+    find = pids if callable(pids) else (lambda: pids)
+    signalled: set[int] = set()
+
+    def signal_new() -> None:
+        for pid in find():
+            if pid not in signalled:
+                signalled.add(pid)
+                with suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signum)
+
+    signal_new()
     deadline = time.monotonic() + timeout_s
-    while pids and time.monotonic() < deadline and still_running():
+    while time.monotonic() < deadline and still_running():
         time.sleep(0.5)
-    return not (pids and still_running())
+        signal_new()
+    return not still_running()

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,6 +83,30 @@ def checkpoint_to_resume(cfg: DictConfig, out: Path, fixed_output_dir: bool) -> 
         return last
     log.info("resume=auto: no %s yet, starting fresh", last)
     return None
+
+
+def refuse_other_run_in(out: Path, ckpt: Path | None, key: str, value: Any) -> None:
+    """A run that is not the one whose ``last.ckpt`` is in ``out`` (a fresh start, a resume from
+    a checkpoint elsewhere) is refused there: Lightning would save its checkpoints beside the
+    earlier run's as ``-v1`` copies, ``last.ckpt`` would stay the earlier run's while
+    ``mlflow_run.json`` named the new run, and eval and ``resume=auto`` would then read the
+    earlier run's policy as the new run's. key, value: the config key that chose ``out`` and
+    its value (a sweep's dir, for a job folder in it)."""
+    last = out / LAST
+    if not last.is_file():
+        return
+    if ckpt is not None and ckpt.resolve().parent == last.parent.resolve():
+        return  # a checkpoint of the run in out: that run goes on
+    from grpo_lab import sweep
+
+    noted = sweep.read_run_file(out) if (out / sweep.RUN_FILE).is_file() else None
+    whose = f" (MLflow run {noted['run_id']})" if noted else ""
+    raise ConfigError(
+        f"invalid config:\n  {key}={value}: {out} holds the checkpoints of an earlier "
+        f"run{whose}; a new run there would leave {last} the earlier run's. resume=auto "
+        f"continues that run; to start anew, give another {key} (or remove "
+        f"{out / 'checkpoints'})"
+    )
 
 
 def changed_params(run_params: Mapping[str, str], params: Mapping[str, str]) -> dict[str, Any]:
@@ -156,6 +181,8 @@ def run_to_continue(
     return run, changed
 
 
+RESUME_CHANGES_TAG = "grpo_lab.resume_changes"  # tracking.note_resume: key -> value this start
+
 # Keys that extend a finished run: with another value, resume=auto continues it.
 LENGTH_KEYS = ("train.rollouts", "trainer.max_steps")
 
@@ -181,13 +208,18 @@ def _noted_run(out: Path, tracking_uri: str) -> Any | None:
 def finished_run(out: Path, tracking_uri: str, params: Mapping[str, str]) -> Any | None:
     """The run in ``out`` if it is FINISHED and this config would only repeat it, else None.
 
-    Repeat: every param as the run logged it, except keys that change nothing computed
-    (``RESUMABLE``); ``train.rollouts`` or ``trainer.max_steps`` changed extends the run instead.
+    Repeat: every param as the run last ran with it (its params, and what a resume changed:
+    ``grpo_lab.resume_changes``), except keys that change nothing computed (``RESUMABLE``);
+    ``train.rollouts`` or ``trainer.max_steps`` changed extends the run instead.
     """
     run = _noted_run(out, tracking_uri)
     if run is None or run.info.status != "FINISHED" or run.info.lifecycle_stage != "active":
         return None
-    changed = changed_params(renames.new_params(run.data.params), params)
+    # what the run last ran with: its params keep the first start's values, and a resume notes
+    # what it changed (an extended run FINISHED at its new train.rollouts)
+    ran = renames.new_params(run.data.params)
+    ran.update(json.loads(run.data.tags.get(RESUME_CHANGES_TAG) or "{}"))
+    changed = changed_params(ran, params)
     if any(not resumable(k) or k in LENGTH_KEYS for k in changed):
         return None  # extended, or refused with its reason by run_to_continue
     return run

@@ -48,6 +48,15 @@ def fixed_output_dir(cfg: DictConfig) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in hc.overrides.hydra)
 
 
+def _output_dir_key(cfg: DictConfig, in_sweep: bool) -> tuple[str, Any]:
+    """The config key that chose ``output_dir(cfg)`` and its value, for an error about it."""
+    if cfg.paths.get("output_dir"):
+        return "paths.output_dir", cfg.paths.output_dir
+    if in_sweep:
+        return "hydra.sweep.dir", HydraConfig.get().sweep.dir
+    return "hydra.run.dir", HydraConfig.get().run.dir if HydraConfig.initialized() else "?"
+
+
 def build_rewards(cfg: DictConfig) -> RewardSet:
     functions = {name: instantiate(spec) for name, spec in cfg.reward.functions.items()}
     weights = OmegaConf.to_container(cfg.reward.get("weights") or {})
@@ -181,6 +190,7 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
         sweep.write_run_file(
             output_dir(cfg), logger.run_id, logger.experiment_id, lcfg.tracking_uri
         )
+        sweep.note_started_run(logger.run_id)  # a failure from here on is this run's
     return logger
 
 
@@ -227,6 +237,8 @@ def _train_in(cfg: DictConfig, out: Path, rank0: bool) -> float:
         if finished is not None:
             return _report_finished(cfg, finished, out)
     ckpt = resume.checkpoint_to_resume(cfg, out, fixed_output_dir(cfg))
+    if rank0:
+        resume.refuse_other_run_in(out, ckpt, *_output_dir_key(cfg, in_sweep))
     if cfg.get("resume") == "auto" and ckpt is None and rank0:
         # killed before its first checkpoint: nothing to continue, and its metrics would repeat
         resume.retire_unresumable_run(out, cfg.logger.tracking_uri)
@@ -235,10 +247,17 @@ def _train_in(cfg: DictConfig, out: Path, rank0: bool) -> float:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
 
-    logger = make_logger(cfg, run.info.run_id if run is not None else None)
+    # a stop signal while the run is made and noted stops it once it can end KILLED
+    with faults.deferred_signals(faults.STOP_SIGNALS, final=False) as caught:
+        logger = make_logger(cfg, run.info.run_id if run is not None else None)
     try:
         # Until the training loop takes over (StopOnSignal), a signal stops the run at once.
         with faults.signal_handlers(faults.raise_interrupted):
+            if caught:
+                raise faults.Interrupted(caught[0], "stopped as its run started")
+            if in_sweep and sweep.sweep_stopping(HydraConfig.get().sweep.dir):
+                # the sweep's stop came after this job's check above, before its run existed
+                raise faults.Interrupted(signal.SIGTERM, "the sweep is stopping")
             if rank0:
                 tracking.log_config(logger, cfg, run.data.params if run is not None else None)
             if run is None and rank0:

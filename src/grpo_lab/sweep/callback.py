@@ -33,15 +33,21 @@ from grpo_lab.sweep.run_files import (
     ERROR_TAG,
     HOST_TAG,
     PID_TAG,
+    START_TAG,
     STOPPING_FILE,
     SWEEP_FILE,
+    note_started_run,
     read_run_file,
     read_sweep_file,
     record_failure,
+    started_run,
     write_atomically,
 )
 
 log = logging.getLogger(__name__)
+
+# on the FAILED run that records a job which failed before it had a run of its own
+FAILED_BEFORE_RUN_TAG = "grpo_lab.failed_before_run"
 
 _WATCH: dict[str, Any] = {}  # the sweep's signal handlers and parent-run cleanup while it runs
 
@@ -65,6 +71,7 @@ class MLflowSweepCallback(Callback):
                     1, int(OmegaConf.select(config, "hydra.launcher.n_jobs") or 1)
                 )
         _hold_sweep_lock(sweep_dir)
+        _refuse_new_sweep_over_earlier(config, sweep_dir)
         uri, name = config.logger.tracking_uri, config.logger.experiment_name
         exp_id = store.ensure_experiment(uri, name)
         keys = swept_keys(config)
@@ -73,7 +80,7 @@ class MLflowSweepCallback(Callback):
         sweep_id = "/".join(sweep_dir.parts[-2:])
         client = store.client(uri)
         sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_"))
-        parent_id = _parent_to_continue(config, client, exp_id, sweep_dir)
+        parent_id, start = _parent_to_continue(config, client, exp_id, sweep_dir, keys)
         if parent_id is None:
             parent_id = client.create_run(
                 exp_id,
@@ -98,12 +105,13 @@ class MLflowSweepCallback(Callback):
             "sweep_dir": str(sweep_dir.resolve()),
             "swept_keys": keys,
             "sweeper": sweeper,
+            "start": start,  # which start of the sweep this is (grpo_lab.sweep_starts)
         }
         write_atomically(sweep_dir / SWEEP_FILE, json.dumps(data, indent=2) + "\n")
         log.info("MLflow sweep run %s (experiment %s): %s", parent_id, name, label)
         timeout = float(OmegaConf.select(config, "sweep.stop_timeout_s", default=600.0))
         (sweep_dir / STOPPING_FILE).unlink(missing_ok=True)  # an earlier start's
-        self._watch_signals(client, exp_id, parent_id, timeout, sweep_dir)
+        self._watch_signals(client, exp_id, parent_id, timeout, sweep_dir, start)
 
     def _watch_signals(
         self,
@@ -112,6 +120,7 @@ class MLflowSweepCallback(Callback):
         parent_run_id: str,
         timeout_s: float,
         sweep_dir: Path,
+        start: int,
     ) -> None:
         """SIGINT or SIGTERM ends the sweep with its parent run KILLED, not RUNNING forever.
 
@@ -138,17 +147,25 @@ class MLflowSweepCallback(Callback):
             # a job that gets the signal stops the sweep with it, and none starts from now on
             write_atomically(sweep_dir / STOPPING_FILE, f"{os.getpid()}\n")
             here = socket.gethostname()
-            pids = [
-                int(r.data.tags[PID_TAG])
-                for r in running_jobs()
-                if r.data.tags.get(HOST_TAG) == here and r.data.tags.get(PID_TAG, "").isdigit()
-            ]
-            pids = [pid for pid in pids if pid != os.getpid()]  # a job in this process handles it
+
+            def job_pids() -> list[int]:
+                """The processes on this host that run a job of this start; asked again while
+                the sweep waits, so a job whose run starts after the signal gets it too. A run
+                an earlier start left RUNNING (its process SIGKILLed) names a pid that another
+                process may have now: it gets no signal."""
+                pids = [
+                    int(r.data.tags[PID_TAG])
+                    for r in running_jobs()
+                    if r.data.tags.get(HOST_TAG) == here
+                    and r.data.tags.get(PID_TAG, "").isdigit()
+                    and r.data.tags.get(START_TAG) == str(start)
+                ]
+                return [pid for pid in pids if pid != os.getpid()]  # this one handles its own
 
             def still_running() -> bool:
-                return any(_alive(int(r.data.tags.get(PID_TAG, -1))) for r in running_jobs())
+                return any(_alive(pid) for pid in job_pids())
 
-            stopped = faults.stop_processes(signum, pids, still_running, timeout_s)
+            stopped = faults.stop_processes(signum, job_pids, still_running, timeout_s)
             if not stopped:  # their processes die with the sweep: their runs end KILLED
                 for r in running_jobs():
                     why = (
@@ -166,7 +183,8 @@ class MLflowSweepCallback(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         allow_spawn_in_worker()
-        if not runs_the_sweep():  # a launcher's worker process (joblib)
+        note_started_run(None)
+        if _in_worker(config):  # a launcher's worker process (joblib)
             from grpo_lab import faults
 
             # A stop signal to this worker stops its job, from here on (train installs its own
@@ -175,7 +193,7 @@ class MLflowSweepCallback(Callback):
             faults.set_signal_handlers(faults.raise_interrupted)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if not runs_the_sweep():
+        if _in_worker(config):
             from grpo_lab import faults
 
             # Between jobs there is nothing to stop: a signal that comes late is ignored.
@@ -196,8 +214,10 @@ class MLflowSweepCallback(Callback):
         run_id = (
             run["run_id"] if run and run.get("experiment_id") == sweep["experiment_id"] else None
         )
-        if job_return.status == JobStatus.COMPLETED:
-            return  # train logged the objective on the run
+        if job_return.status == JobStatus.COMPLETED:  # train logged the objective on the run
+            if run_id is not None:  # the job's run: started, resumed or read back FINISHED
+                _retire_failure_records(client, sweep, str(config.hydra.runtime.output_dir))
+            return
         if job_return.status != JobStatus.FAILED:
             return
         err: BaseException = job_return._return_value
@@ -210,8 +230,15 @@ class MLflowSweepCallback(Callback):
             job_return.status = JobStatus.COMPLETED
             job_return.return_value = math.nan
             return
+        if run_id is not None and run_id != started_run():
+            # the folder's run is an earlier start's (FINISHED, KILLED): this job failed before
+            # it took that run on (a resume refused, a config error); that record stays as it is
+            run_id = None
         if run_id is None:  # failed before its run existed (config check, building the policy)
+            # one record per job: this start's failure replaces an earlier start's
+            _retire_failure_records(client, sweep, str(config.hydra.runtime.output_dir))
             name, tags = job_tags()
+            tags[FAILED_BEFORE_RUN_TAG] = "true"
             run_id = client.create_run(sweep["experiment_id"], run_name=name, tags=tags).info.run_id
         run_info = client.get_run(run_id)
         if ERROR_TAG not in run_info.data.tags:
@@ -309,6 +336,14 @@ def _job_label(run: Any) -> str:
     return Path(folder).name if folder else run.data.tags.get("grpo_lab.job_num", "?")
 
 
+def _in_worker(config: DictConfig) -> bool:
+    """Whether this process runs a sweep's jobs for a launcher (a joblib worker, a submitit job)
+    rather than the sweep itself: not a plain run, which keeps its own signal handling."""
+    from hydra.types import RunMode
+
+    return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN and not runs_the_sweep()
+
+
 def runs_the_sweep() -> bool:
     """Whether this process is the sweep's own (it holds the sweep lock), not a launcher's worker."""
     return "lock" in _WATCH
@@ -346,6 +381,23 @@ def _hold_sweep_lock(sweep_dir: Path) -> None:
         raise SystemExit(f"grpo-lab: {err}".replace("invalid config:\n  ", "")) from None
 
 
+def _refuse_new_sweep_over_earlier(config: DictConfig, sweep_dir: Path) -> None:
+    """A sweep without ``resume=auto`` in a sweep dir where an earlier sweep ran is refused: its
+    jobs would start anew in folders that hold the earlier jobs' checkpoints (each refused:
+    ``resume.refuse_other_run_in``), and ``mlflow_sweep.json`` would name a new parent run, so
+    that ``resume=auto`` and the report no longer found the earlier jobs."""
+    earlier = read_sweep_file(sweep_dir)
+    if earlier is None or OmegaConf.select(config, "resume") == "auto":
+        return
+    _release_sweep_lock()
+    raise SystemExit(
+        f"grpo-lab: hydra.sweep.dir={sweep_dir}: an earlier sweep ran there (parent MLflow run "
+        f"{earlier.get('parent_run_id')}). The same command with resume=auto continues it "
+        "(finished jobs are kept, killed ones resumed, new values added); to start anew, give "
+        f"another hydra.sweep.dir (or remove {sweep_dir})"
+    )
+
+
 def _release_sweep_lock() -> None:
     lock = _WATCH.pop("lock", None)
     if lock is not None:
@@ -353,15 +405,20 @@ def _release_sweep_lock() -> None:
 
 
 def _parent_to_continue(
-    config: DictConfig, client: Any, experiment_id: str, sweep_dir: Path
-) -> str | None:
-    """With ``resume=auto``: the parent run an earlier start of this sweep made, back to RUNNING;
-    None for a new parent (no earlier start, or no ``resume=auto``)."""
+    config: DictConfig, client: Any, experiment_id: str, sweep_dir: Path, keys: list[str]
+) -> tuple[str | None, int]:
+    """With ``resume=auto``: the parent run an earlier start of this sweep made, back to RUNNING,
+    and the number of this start; (None, 1) for a new parent (no earlier start, or no
+    ``resume=auto``).
+
+    keys: this start's swept keys. The parent's ``grpo_lab.swept_keys`` becomes the keys any
+    start swept: the report compares its jobs along them, and a key this start sweeps that an
+    earlier one did not must not merge the jobs that differ in it."""
     from mlflow.exceptions import MlflowException
 
     earlier = read_sweep_file(sweep_dir)
     if OmegaConf.select(config, "resume") != "auto" or earlier is None:
-        return None
+        return None, 1
     if earlier.get("experiment_id") != experiment_id:
         log.warning(
             "resume=auto: the sweep in %s logged to experiment %s, this one to %s: new parent run",
@@ -369,21 +426,42 @@ def _parent_to_continue(
             earlier.get("experiment_id"),
             experiment_id,
         )
-        return None
+        return None, 1
     try:
         parent = client.get_run(earlier["parent_run_id"])
     except MlflowException:
-        return None
+        return None, 1
     if parent.info.lifecycle_stage != "active":
-        return None
+        return None, 1
     run_id = parent.info.run_id
     starts = int(parent.data.tags.get("grpo_lab.sweep_starts", "1")) + 1
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, "grpo_lab.sweep_starts", str(starts))
+    swept = json.loads(parent.data.tags.get("grpo_lab.swept_keys", "[]"))
+    if any(k not in swept for k in keys):
+        client.set_tag(
+            run_id, "grpo_lab.swept_keys", json.dumps(swept + [k for k in keys if k not in swept])
+        )
     if ERROR_TAG in parent.data.tags:  # "stopped by signal 15" is no longer what it is
         client.delete_tag(run_id, ERROR_TAG)
     log.info("resume=auto: sweep continues under parent run %s (start %d)", run_id, starts)
-    return run_id
+    return run_id, starts
+
+
+def _retire_failure_records(client: Any, sweep: dict, job_dir: str) -> None:
+    """Delete (restorable) the runs that recorded an earlier start of the job in ``job_dir``
+    failing before it had a run: the job has its run now, or a new record replaces them. A job
+    keeps one record, and a sweep that completed is not FAILED for a start that was fixed."""
+    records = client.search_runs(
+        [sweep["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{sweep['parent_run_id']}' "
+        f"and tags.`{FAILED_BEFORE_RUN_TAG}` = 'true'",
+        max_results=5000,
+    )
+    for r in records:
+        if r.data.tags.get("grpo_lab.job_dir") == job_dir:
+            client.set_tag(r.info.run_id, "grpo_lab.replaced", f"a later start of {job_dir}")
+            client.delete_run(r.info.run_id)
 
 
 def _alive(pid: int) -> bool:

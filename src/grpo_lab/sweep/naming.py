@@ -13,7 +13,7 @@ import socket
 
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_lab.sweep.run_files import HOST_TAG, PID_TAG, read_sweep_file
+from grpo_lab.sweep.run_files import HOST_TAG, PID_TAG, START_TAG, read_sweep_file
 
 # Short names for keys researchers sweep, so a run reads "G=8 eps=0.2 beta=0.04".
 _SHORT = {"epsilon": "eps", "learning_rate": "lr", "train.lr": "lr", "prompts_per_step": "B"}
@@ -91,6 +91,7 @@ def job_tags() -> tuple[str | None, dict[str, str]]:
         "grpo_lab.swept": json.dumps(swept),
         HOST_TAG: socket.gethostname(),
         PID_TAG: str(os.getpid()),
+        START_TAG: str(sweep.get("start", 1)),
     }
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # the job's GPU under hydra/launcher=parallel_gpu
         tags["grpo_lab.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]

@@ -22,6 +22,9 @@ RUN_FILE = "mlflow_run.json"  # in each run's output dir: its MLflow run (eval l
 ERROR_TAG = "grpo_lab.error"
 # Where a job runs: a sweep stopped by a signal passes it on to its jobs on this machine.
 HOST_TAG, PID_TAG = "grpo_lab.host", "grpo_lab.pid"
+START_TAG = (
+    "grpo_lab.sweep_start"  # the start of the sweep that runs the job (its pid is that start's)
+)
 
 
 def record_failure(client: Any, run_id: str, err: BaseException) -> None:
@@ -44,6 +47,20 @@ def write_run_file(out_dir: str | Path, run_id: str, experiment_id: str, trackin
     out.mkdir(parents=True, exist_ok=True)
     data = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri}
     write_atomically(out / RUN_FILE, json.dumps(data, indent=2) + "\n")
+
+
+_STARTED: dict[str, str | None] = {"run_id": None}
+
+
+def note_started_run(run_id: str | None) -> None:
+    """Note the MLflow run this process's current job started or resumed (``train``), or None
+    when a job starts: a failure of the job is that run's, not an earlier start's."""
+    _STARTED["run_id"] = run_id
+
+
+def started_run() -> str | None:
+    """The run ``note_started_run`` noted: the current job's, once it has one."""
+    return _STARTED["run_id"]
 
 
 def write_atomically(path: Path, text: str) -> None:
