@@ -190,6 +190,7 @@ class StopOnSignal(L.Callback):
             self.signum, self._first_at = signum, time.monotonic()
             self.chained = self._previous.get(signum)
             trainer.should_stop = True
+            self._skip_unscheduled_eval(trainer)
             log.warning(
                 "%s received: stopping after the current step, then saving a checkpoint",
                 signal.Signals(signum).name,
@@ -208,9 +209,22 @@ class StopOnSignal(L.Callback):
             trainer.should_stop = trainer.should_stop or stop
         if self.signum is not None:
             self._step_done = True  # from here on only checkpoint saves run: let them finish
-            # Lightning validates when should_stop is set (for early stopping): an eval nobody
-            # scheduled, in the time a preemption notice leaves, logged at a step an undisturbed
-            # run does not evaluate at
+            self._skip_unscheduled_eval(trainer)
+
+    @staticmethod
+    def _skip_unscheduled_eval(trainer: L.Trainer) -> None:
+        """Lightning validates after a step when ``should_stop`` is set (for early stopping): an
+        eval nobody scheduled, in the time a preemption notice leaves, logged at a step an
+        undisturbed run does not evaluate at. Skip it, from the signal on (it may come after
+        this step's ``on_train_batch_end``, while the step's metrics are logged), but keep the
+        eval that this step has anyway (``train.eval_every``): the resumed run starts after it
+        and would not make up for it. An eval under way ends as it is."""
+        if trainer.validating:
+            return
+        every = trainer.val_check_batch
+        step = trainer.fit_loop.epoch_loop.total_batch_idx + 1  # this step's, as Lightning counts
+        scheduled = isinstance(every, int) and every > 0 and step % every == 0
+        if not scheduled:
             trainer.limit_val_batches = 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
