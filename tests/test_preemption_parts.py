@@ -217,6 +217,32 @@ def test_a_stop_skips_the_eval_lightning_would_add_and_keeps_the_scheduled_one(
             stop.release()
 
 
+def test_a_second_ctrl_c_seconds_later_stops_a_long_eval_but_not_the_save():
+    trainer = _fake_trainer(4)
+    stop = faults.StopOnSignal()
+    stop.on_train_start(trainer, None)
+
+    def send(signum):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)
+
+    try:
+        send(signal.SIGINT)
+        stop.on_train_batch_end(trainer)  # the step ended; the eval it has runs
+        trainer.validating = True
+        send(signal.SIGINT)  # within seconds: the same request (the terminal and the sweep)
+        stop._first_at -= 10
+        send(signal.SIGTERM)  # a scheduler's repeat: never cuts anything short
+        trainer.validating = False
+        send(signal.SIGINT)  # the step and its eval are done: the saves run on
+        trainer.validating = True
+        with pytest.raises(faults.Interrupted) as stopped:
+            send(signal.SIGINT)
+        assert stopped.value.detail == "second signal while stopping"
+    finally:
+        stop.release()
+
+
 def test_the_previous_handler_of_a_preemption_signal_runs_after_the_stop():
     calls = []
     faults.after_preemption(signal.SIGUSR2, lambda signum, frame: calls.append(signum), True)

@@ -11,7 +11,7 @@ and an output directory that cannot be written is an error before any compute.
 - Once a stop is under way, repeated signals do not cut the final save short: SIGTERM repeats are
   ignored (a scheduler may send several), and the final save and the MLflow status update run
   under ``deferred_signals``. Only a second Ctrl-C, seconds after the first and before the step
-  ends, stops at once (with the last periodic checkpoint kept).
+  (and the eval it has) ends, stops at once (with the last periodic checkpoint kept).
 - A sweep (``sweep.MLflowSweepCallback``) registers a cleanup with ``add_cleanup`` that marks its
   parent run KILLED; ``exit_interrupted`` runs the cleanups before the process exits.
 - ``AtomicCheckpointIO`` writes each checkpoint to a temporary file beside it, then renames it
@@ -178,10 +178,10 @@ class StopOnSignal(L.Callback):
                 # Ctrl-C reaches a joblib worker twice: from the terminal (the whole process
                 # group) and passed on by the sweep. A repeat within seconds is the same request,
                 # and so is any repeat of SIGTERM or a preemption notice. A second Ctrl-C while
-                # the step still runs is a person who will not wait for it.
+                # the step, or the eval it has, still runs is a person who will not wait for it.
                 impatient = (
                     signum == signal.SIGINT
-                    and not self._step_done
+                    and (not self._step_done or trainer.validating)
                     and time.monotonic() - self._first_at >= REPEAT_WINDOW_S
                 )
                 if impatient:
