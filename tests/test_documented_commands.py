@@ -193,7 +193,11 @@ def compositions(argv: tuple[str, ...]) -> list[list[str]]:
 
     from grpo_lab.sweep import prepare_argv
 
-    args = [a for a in prepare_argv(args) if a not in ("-m", "--multirun")]
+    # with --cfg, as the command is then run: a GPU sweep composes on a machine without GPUs
+    prepared = prepare_argv([*args, "--cfg", "job"])
+    at = prepared.index("--cfg")
+    prepared = prepared[:at] + prepared[at + 2 :]
+    args = [a for a in prepared if a not in ("-m", "--multirun")]
     try:
         parsed = OverridesParser.create().parse_overrides(args)
     except Exception:

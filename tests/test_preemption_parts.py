@@ -173,6 +173,76 @@ def test_a_signal_inside_deferred_signals_waits_for_the_block_and_is_reported():
     assert finished == [True]
 
 
+def _fake_trainer(batches_done: int, validating: bool = False):
+    from types import SimpleNamespace
+
+    epoch_loop = SimpleNamespace(total_batch_idx=batches_done - 1)
+    return SimpleNamespace(
+        should_stop=False,
+        validating=validating,
+        val_check_batch=4,  # train.eval_every=4
+        limit_val_batches=1.0,
+        world_size=1,
+        fit_loop=SimpleNamespace(epoch_loop=epoch_loop),
+        _signal_connector=SimpleNamespace(_original_handlers={}),
+    )
+
+
+@pytest.mark.parametrize(
+    ("batches_done", "validating", "eval_runs"),
+    [(3, False, False), (4, False, True), (3, True, True)],
+    ids=["unscheduled", "scheduled", "under-way"],
+)
+def test_a_stop_skips_the_eval_lightning_would_add_and_keeps_the_scheduled_one(
+    batches_done, validating, eval_runs
+):
+    """A stop sets should_stop, and Lightning validates after a step when should_stop is set.
+    At step 3 of eval_every=4 that eval is skipped, whether the signal comes during the step or
+    after its on_train_batch_end; at step 4 the scheduled eval runs (the resumed run starts
+    after it and would not make up for it); an eval under way ends as it is."""
+    for after_batch_end in (False, True):
+        trainer = _fake_trainer(batches_done, validating)
+        stop = faults.StopOnSignal()
+        stop.on_train_start(trainer, None)
+        try:
+            if after_batch_end:
+                stop.on_train_batch_end(trainer)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert stop.signum == signal.SIGTERM and trainer.should_stop
+            if not after_batch_end:
+                stop.on_train_batch_end(trainer)
+            assert (trainer.limit_val_batches != 0) == eval_runs
+        finally:
+            stop.release()
+
+
+def test_a_second_ctrl_c_seconds_later_stops_a_long_eval_but_not_the_save():
+    trainer = _fake_trainer(4)
+    stop = faults.StopOnSignal()
+    stop.on_train_start(trainer, None)
+
+    def send(signum):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)
+
+    try:
+        send(signal.SIGINT)
+        stop.on_train_batch_end(trainer)  # the step ended; the eval it has runs
+        trainer.validating = True
+        send(signal.SIGINT)  # within seconds: the same request (the terminal and the sweep)
+        stop._first_at -= 10
+        send(signal.SIGTERM)  # a scheduler's repeat: never cuts anything short
+        trainer.validating = False
+        send(signal.SIGINT)  # the step and its eval are done: the saves run on
+        trainer.validating = True
+        with pytest.raises(faults.Interrupted) as stopped:
+            send(signal.SIGINT)
+        assert stopped.value.detail == "second signal while stopping"
+    finally:
+        stop.release()
+
+
 def test_the_previous_handler_of_a_preemption_signal_runs_after_the_stop():
     calls = []
     faults.after_preemption(signal.SIGUSR2, lambda signum, frame: calls.append(signum), True)

@@ -168,6 +168,8 @@ def test_slurm_launcher_config_composes():
     assert (
         launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 120
     )
+    # the preemption settings the config documents are the plugin's own keys
+    assert launcher.signal_delay_s == 120 and launcher.max_num_timeout == 0
     assert cfg.hydra.callbacks.mlflow_sweep._target_ == "grpo_lab.sweep.MLflowSweepCallback"
     from hydra.utils import get_class
 

@@ -11,7 +11,7 @@ and an output directory that cannot be written is an error before any compute.
 - Once a stop is under way, repeated signals do not cut the final save short: SIGTERM repeats are
   ignored (a scheduler may send several), and the final save and the MLflow status update run
   under ``deferred_signals``. Only a second Ctrl-C, seconds after the first and before the step
-  ends, stops at once (with the last periodic checkpoint kept).
+  (and the eval it has) ends, stops at once (with the last periodic checkpoint kept).
 - A sweep (``sweep.MLflowSweepCallback``) registers a cleanup with ``add_cleanup`` that marks its
   parent run KILLED; ``exit_interrupted`` runs the cleanups before the process exits.
 - ``AtomicCheckpointIO`` writes each checkpoint to a temporary file beside it, then renames it
@@ -178,10 +178,10 @@ class StopOnSignal(L.Callback):
                 # Ctrl-C reaches a joblib worker twice: from the terminal (the whole process
                 # group) and passed on by the sweep. A repeat within seconds is the same request,
                 # and so is any repeat of SIGTERM or a preemption notice. A second Ctrl-C while
-                # the step still runs is a person who will not wait for it.
+                # the step, or the eval it has, still runs is a person who will not wait for it.
                 impatient = (
                     signum == signal.SIGINT
-                    and not self._step_done
+                    and (not self._step_done or trainer.validating)
                     and time.monotonic() - self._first_at >= REPEAT_WINDOW_S
                 )
                 if impatient:
@@ -194,6 +194,7 @@ class StopOnSignal(L.Callback):
             # this rank alone would leave the loop and the others wait for it forever.
             if trainer.world_size == 1:
                 trainer.should_stop = True
+                self._skip_unscheduled_eval(trainer)
             log.warning(
                 "%s received: stopping after the current step, then saving a checkpoint",
                 signal.Signals(signum).name,
@@ -212,9 +213,22 @@ class StopOnSignal(L.Callback):
             trainer.should_stop = trainer.should_stop or stop
         if self.signum is not None:
             self._step_done = True  # from here on only checkpoint saves run: let them finish
-            # Lightning validates when should_stop is set (for early stopping): an eval nobody
-            # scheduled, in the time a preemption notice leaves, logged at a step an undisturbed
-            # run does not evaluate at
+            self._skip_unscheduled_eval(trainer)
+
+    @staticmethod
+    def _skip_unscheduled_eval(trainer: L.Trainer) -> None:
+        """Lightning validates after a step when ``should_stop`` is set (for early stopping): an
+        eval nobody scheduled, in the time a preemption notice leaves, logged at a step an
+        undisturbed run does not evaluate at. Skip it, from the signal on (it may come after
+        this step's ``on_train_batch_end``, while the step's metrics are logged), but keep the
+        eval that this step has anyway (``train.eval_every``): the resumed run starts after it
+        and would not make up for it. An eval under way ends as it is."""
+        if trainer.validating:
+            return
+        every = trainer.val_check_batch
+        step = trainer.fit_loop.epoch_loop.total_batch_idx + 1  # this step's, as Lightning counts
+        scheduled = isinstance(every, int) and every > 0 and step % every == 0
+        if not scheduled:
             trainer.limit_val_batches = 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -86,6 +86,8 @@ def check_gpu_workers(argv: list[str]) -> None:
         )
     if values.get("trainer.accelerator") == "cpu" or values.get("trainer") == "cpu":
         return  # jobs that ask for no GPU: the slots only spread them
+    if {"--cfg", "-c", "--info", "-i"} & set(argv):
+        return  # the config is printed, no worker starts: composes on a machine without GPUs
     error = gpu_workers_error(int(n_jobs), visible_gpu_count())
     if error is not None:
         raise SweepArgumentError(error)

@@ -61,8 +61,8 @@ def _job_dir(sweep_dir: Any, job_num: Any, overrides: Any) -> str:
     listed = OmegaConf.to_container(overrides) if OmegaConf.is_config(overrides) else overrides
     listed = [str(o) for o in listed or []]
     name = job_dir_name(listed, sweep["swept_keys"]) or str(job_num)
-    if (Path(str(sweep_dir)) / name).is_dir():
-        return name
+    if (Path(str(sweep_dir)) / name).is_dir() or int(sweep.get("start", 2)) < 2:
+        return name  # its folder, or the sweep's first start: no earlier folder to look for
     return earlier_job_dir(Path(str(sweep_dir)), listed, sweep["swept_keys"]) or name
 
 
@@ -102,7 +102,7 @@ def _overrides_of(folder: Path) -> dict[str, str] | None:
     """key -> value of the overrides Hydra saved in a job folder, or None (not a job folder)."""
     f = folder / ".hydra" / "overrides.yaml"
     try:
-        listed = OmegaConf.to_container(OmegaConf.load(f))
+        listed = yaml.safe_load(f.read_text())
     except Exception:  # no file (not a job folder, or one Hydra is creating), or unreadable
         return None
     if not isinstance(listed, list):
