@@ -64,11 +64,12 @@ def test_signal_mid_run_saves_last_ckpt_and_ends_the_run_killed(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+@pytest.mark.parametrize("launcher", ["basic"])
 def test_sigterm_ends_a_sweep_with_its_parent_and_job_runs_killed(
     start_cli, tmp_path, tracking_uri, launcher
 ):
-    """basic: jobs run in the sweep's process; parallel: in joblib workers the signal never reaches."""
+    """basic: jobs run in the sweep's process. (joblib workers, which the signal never reaches:
+    the first kill of tests/test_preemption.py's sweep proof.)"""
     extra = [] if launcher == "basic" else ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
     proc = start_cli("train", "-m", *extra, "num_threads=1", "seed=0,1", *LONG)
     # basic: job 0 is training, job 1 has not started; parallel: both are training

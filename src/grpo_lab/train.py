@@ -212,7 +212,7 @@ def train(cfg: DictConfig) -> float:
             f"ckpt_path={ckpt_path!r} does not exist; give a .ckpt written by a run"
         )
     out = output_dir(cfg)
-    faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
+    faults.check_writable_dir(out, "paths.output_dir", out)  # where the lock file goes
     # Only global rank 0 locks the dir and makes and writes the MLflow run; Lightning learns which
     # one that is (its rank_zero_only) only when the process group starts, after the run exists.
     rank0 = distributed.adopt_launched_rank() == 0
@@ -246,6 +246,7 @@ def _train_in(cfg: DictConfig, out: Path, rank0: bool) -> float:
     run, changed = resume.run_to_continue(ckpt, cfg.logger.tracking_uri, params)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
+    faults.check_writable_dir(out / "checkpoints", "paths.output_dir", out)
 
     # a stop signal while the run is made and noted stops it once it can end KILLED
     with faults.deferred_signals(faults.STOP_SIGNALS, final=False) as caught:
