@@ -314,17 +314,22 @@ def test_a_stop_waits_while_jobs_run_and_says_when_they_did_not_stop(tmp_path):
         stopping.kill()
 
 
-def test_a_stop_signals_a_job_whose_run_starts_while_the_sweep_waits():
-    """A job past the sweep's stop file when the signal came, whose MLflow run appears only
-    later, gets the signal too: it does not run on unsignalled until the timeout."""
-    sleepers = [
+def start_sleepers(n: int) -> list[subprocess.Popen]:
+    """n processes that sleep a minute (stand-ins for job processes); each prints 'up' first."""
+    return [
         subprocess.Popen(
             [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
             stdout=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for _ in range(n)
     ]
+
+
+def test_a_stop_signals_a_job_whose_run_starts_while_the_sweep_waits():
+    """A job past the sweep's stop file when the signal came, whose MLflow run appears only
+    later, gets the signal too: it does not run on unsignalled until the timeout."""
+    sleepers = start_sleepers(2)
     try:
         for p in sleepers:
             assert p.stdout.readline().strip() == "up"
@@ -414,14 +419,7 @@ def test_a_stopped_sweep_signals_its_own_jobs_not_the_pids_of_runs_an_earlier_st
     from grpo_lab.sweep import callback
     from grpo_lab.sweep.run_files import HOST_TAG, PID_TAG, START_TAG
 
-    sleepers = [
-        subprocess.Popen(
-            [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    sleepers = start_sleepers(2)
     mine, stale = sleepers
 
     def run(proc, start):
